@@ -1,0 +1,3 @@
+"""dfkd-bench: benchmark data-free knowledge distillation under one protocol."""
+
+__version__ = "0.1.0"

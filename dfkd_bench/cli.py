@@ -1,0 +1,291 @@
+"""The ``dfkd-bench`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import DataAccessError, DfkdError
+
+# Tables are wide; outside a terminal (logs, CI) rich would wrap them at 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+class _Group(click.Group):
+    """Turns the user's errors into one line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DfkdError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except DataAccessError as exc:
+            err_console.print(f"[bold red]method error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err_console.print("interrupted; results written so far are kept")
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+              help="Import MODULE first so the methods/losses it registers are available (repeatable).")
+@click.version_option(package_name="dfkd-bench")
+def cli(plugins: tuple[str, ...]) -> None:
+    """Benchmark data-free knowledge distillation under one protocol."""
+    from .registry import load_plugins
+
+    load_plugins(plugins)
+
+
+class _RichReporter:
+    """Draws the runner's progress: epoch, round, loss terms, accuracy, ETA."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = None
+        self.acc = "-"
+
+    def start(self, total_rounds: int, done_rounds: int, description: str) -> None:
+        self.task = self.progress.add_task(description, total=total_rounds, completed=done_rounds, info="")
+
+    def round_done(self, epoch: int, round_: int, terms: dict[str, float]) -> None:
+        shown = " ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in terms.items() if k.startswith(("kd/", "synth/total")))
+        self.progress.update(self.task, advance=1, info=f"ep {epoch + 1} r {round_ + 1} {shown} acc {self.acc}")
+
+    def epoch_done(self, record: dict) -> None:
+        self.acc = f"{record['test_acc']:.2f}"
+        warm = " (warm-up)" if record.get("warmup") else ""
+        self.progress.console.print(f"epoch {record['epoch'] + 1}{warm}: test acc {record['test_acc']:.2f}%, "
+                                    f"{record['images']} images, synthesis {record['synth_seconds']:.0f}s, "
+                                    f"distillation {record['distill_seconds']:.0f}s")
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+# ---------------------------------------------------------------- run
+
+@cli.command()
+@click.option("--method", required=True, help="A registered method (see `dfkd-bench methods`).")
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--teacher", default="wrn16_2", show_default=True, help="Zoo or timm model name.")
+@click.option("--student", default="wrn16_1", show_default=True, help="Zoo or timm model name.")
+@click.option("--preset", default="quick", show_default=True, help="A preset of the method: paper, quick, cpu, ...")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--loss", default=None, help="Distillation loss (default: the method's paper default).")
+@click.option("--epochs", default=None, type=int, help="Shortcut for --set epochs=N.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override any config field (run field, method.X or loss.X); repeatable.")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("results/runs"), show_default=True,
+              help="Parent folder of the run folder.")
+@click.option("--name", default=None, help="Run folder name (default: derived from the config).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
+              help="Continue the run in this folder (re-running the same command does the same).")
+@click.option("--init-bank", type=click.Path(path_type=Path), default=None,
+              help="Start the pool from the pool of this (synthesis-only) run folder.")
+@click.option("--teacher-store", type=click.Path(path_type=Path), default=None,
+              help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
+@click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, output, name, resume_dir,
+        init_bank, teacher_store, device) -> None:
+    """Run one method under the shared protocol and write a run folder."""
+    from .config import parse_assignments, resolve_config
+    from .engine import Runner
+
+    overrides = parse_assignments(assignments)
+    if resume_dir is not None:
+        cfg_file = Path(resume_dir) / "config.json"
+        if not cfg_file.is_file():
+            raise DfkdError(f"nothing to resume: {cfg_file} does not exist")
+    fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, loss=loss, epochs=epochs,
+                  device=device, init_bank=str(init_bank) if init_bank else None)
+    if loss is not None:
+        overrides["loss"] = loss
+        fields.pop("loss")
+    cfg, method_cfg, loss_cfg = resolve_config(method, preset, overrides, **fields)
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = Path(output) / (name or default_run_name(cfg))
+    with _progress() as progress:
+        reporter = _RichReporter(progress)
+        runner = Runner(cfg, method_cfg, loss_cfg, run_dir, teacher_store, reporter)
+        reporter.message(f"teacher {cfg.teacher} -> {runner.teacher_meta['arch']} "
+                         f"({runner.teacher_meta.get('test_accuracy', float('nan')):.2f}% on {cfg.dataset}), "
+                         f"student {cfg.student} -> {runner.student.dfkd_name}, device {runner.device}, "
+                         f"run folder {run_dir}")
+        summary = runner.run()
+    if summary["status"] == "failed":
+        err_console.print(f"[bold red]run failed:[/] {summary['reason']} (see {run_dir / 'summary.json'})")
+        sys.exit(1)
+    stop = f" (stopped by budget {summary['reason']})" if summary["status"] == "budget" else ""
+    console.print(f"final (last-epoch) student accuracy {summary['final_acc']:.2f}%, teacher "
+                  f"{summary['teacher_acc']:.2f}%, {summary['images']} images, {summary['total_seconds']:.0f}s{stop}")
+
+
+def default_run_name(cfg) -> str:
+    loss = "" if cfg.loss == _default_loss(cfg.method) else f"-{cfg.loss}"
+    return f"{cfg.dataset}-{cfg.teacher}-{cfg.student}-{cfg.method}{loss}-{cfg.preset}-s{cfg.seed}"
+
+
+def _default_loss(method: str) -> str:
+    from .registry import SYNTHESIZERS
+
+    return SYNTHESIZERS.get(method).default_loss
+
+
+# ---------------------------------------------------------------- methods
+
+@cli.command()
+def methods() -> None:
+    """List the registered methods, their presets and default settings, and the distillation losses."""
+    import dataclasses
+
+    from .registry import LOSSES, SYNTHESIZERS, presets_for
+
+    table = Table(title="methods")
+    for col in ("method", "summary", "loss", "presets", "defaults"):
+        table.add_column(col, overflow="fold")
+    for name, cls in SYNTHESIZERS.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
+        table.add_row(name, cls.summary, cls.default_loss, ", ".join(presets_for(name)), defaults)
+    console.print(table)
+    losses = Table(title="distillation losses")
+    losses.add_column("loss")
+    losses.add_column("summary", overflow="fold")
+    for name, cls in LOSSES.items():
+        losses.add_row(name, cls.summary)
+    console.print(losses)
+
+
+# ---------------------------------------------------------------- compare
+
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path), default=Path("results"))
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "latex"]), default="table",
+              show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the table to this file.")
+def compare(root, fmt, output) -> None:
+    """Compare every run folder below ROOT: last-epoch accuracy mean ± std over seeds."""
+    import warnings
+
+    from .results import DISPLAY_COLUMNS, collect, failed_runs, summarize, to_format
+
+    if not Path(root).exists():
+        raise DfkdError(f"{root} does not exist")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = collect(root)
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    if df.empty:
+        raise DfkdError(f"no finished runs below {root}")
+    table = summarize(df)
+    failed = failed_runs(df)
+    if fmt == "table":
+        out = Table(title=f"runs below {root} (score: last-epoch test accuracy, mean ± std over seeds)")
+        cols = [c for c in DISPLAY_COLUMNS if c in table.columns]
+        for c in cols:
+            out.add_column(c, overflow="fold")
+        for _, row in table.iterrows():
+            out.add_row(*(str(row[c]) for c in cols))
+        console.print(out)
+        text = to_format(table, "markdown") if output else None
+    else:
+        text = to_format(table, fmt)
+        if not output:
+            click.echo(text, nl=False)
+    if not failed.empty:
+        err_console.print(f"[yellow]{len(failed)} failed run(s), not averaged:[/]")
+        for _, r in failed.iterrows():
+            err_console.print(f"  {r['run']}: {r['status']} ({r['reason']})", highlight=False)
+    if output:
+        from .runtime import atomic_write_bytes
+
+        atomic_write_bytes(Path(output), text.encode())
+        console.print(f"wrote {output}")
+
+
+# ---------------------------------------------------------------- teacher
+
+@cli.group()
+def teacher() -> None:
+    """Train, list and import teachers."""
+
+
+@teacher.command("train")
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--arch", required=True, help="Zoo or timm model name, e.g. wrn16_2, resnet34.")
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--limit", default=0, type=click.IntRange(min=0), help="Use only the first N training images.")
+@click.option("--store", type=click.Path(path_type=Path), default=None,
+              help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
+@click.option("--device", default="auto", show_default=True)
+def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, store, device) -> None:
+    """Train a teacher on the real training set and store it with its sidecar."""
+    from .data import get_dataset
+    from .teachers import TeacherTrainConfig, default_store, train_teacher
+
+    spec = get_dataset(dataset)
+    store = store or default_store()
+    cfg = TeacherTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit)
+    with _progress() as progress:
+        task = progress.add_task(f"teacher {arch} on {dataset}", total=None, info="")
+
+        def on_step(done: int, total: int, epoch: int, loss: float) -> None:
+            if done % 10 == 0 or done == total:
+                progress.update(task, completed=done, total=total, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
+
+        def on_epoch(epoch: int, acc: float) -> None:
+            progress.console.print(f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.2f}%")
+
+        meta = train_teacher(spec, arch, cfg, store, device=device, on_step=on_step, on_epoch=on_epoch)
+    console.print(f"stored {meta['arch']} for {dataset}: test accuracy {meta['test_accuracy']:.2f}%, "
+                  f"sha256 {meta['sha256'][:16]}..., in {store / dataset}")
+
+
+@teacher.command("list")
+@click.option("--store", type=click.Path(path_type=Path), default=None)
+def teacher_list(store) -> None:
+    """List the stored teachers."""
+    from .teachers import default_store, list_teachers
+
+    store = store or default_store()
+    rows = list_teachers(store)
+    if not rows:
+        console.print(f"no teachers in {store}")
+        return
+    table = Table(title=f"teachers in {store}")
+    for col in ("dataset", "arch", "test acc", "epochs", "sha256", "path"):
+        table.add_column(col)
+    for m in rows:
+        table.add_row(m.get("dataset", "?"), m.get("arch", "?"), f"{m.get('test_accuracy', float('nan')):.2f}",
+                      str(m.get("train_settings", {}).get("epochs", "?")), str(m.get("sha256", ""))[:12],
+                      m["path"])
+    console.print(table)
+
+
+def main() -> None:
+    cli(prog_name="dfkd-bench")
+
+
+if __name__ == "__main__":
+    main()

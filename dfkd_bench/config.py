@@ -1,0 +1,189 @@
+"""The run configuration: defaults <- the method's preset <- ``--set key=value``, type-checked.
+
+Keys are run fields (``epochs``, ``lr``, ...), ``method.<field>`` for the method's own
+config and ``loss.<field>`` for the distillation loss's. A bare key that is not a run
+field is looked up in the method's config, then the loss's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DfkdError
+from .registry import LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
+
+
+@dataclass
+class RunConfig:
+    """The shared protocol's settings. Every field can be set with ``--set``."""
+
+    method: str = "deepinversion"
+    dataset: str = "fashion-mnist"
+    teacher: str = "wrn16_2"
+    student: str = "wrn16_1"
+    preset: str = "quick"
+    seed: int = 0
+    loss: str = ""  # distillation loss; empty means the method's paper default
+    epochs: int = 10
+    ep_steps: int = 200  # student steps per epoch
+    kd_steps: int = 200  # student steps per synthesis round
+    batch_size: int = 128  # student batch drawn from the pool
+    synth_batch_size: int = 200  # images synthesized per round
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    temperature: float = 20.0
+    warmup_epochs: int = 0  # epochs that only synthesize (Fast)
+    kd_augment: bool = True  # per-sample crop + flip on pool samples before distillation
+    synthesis_only: bool = False  # build a pool (an init bank) without distilling
+    init_bank: str = ""  # run folder whose pool this run starts from
+    pool_in_memory: int = 0  # spill pool chunks to disk beyond this many images (0: never)
+    # budgets: stop at the first one reached (0: no limit besides epochs)
+    max_images: int = 0
+    max_teacher_passes: int = 0
+    max_seconds: float = 0.0
+    device: str = "auto"
+    amp: bool = True  # autocast on CUDA; a no-op on CPU
+    eval_batch_size: int = 512
+    teacher_checkpoint: str = ""  # explicit teacher file instead of the store
+    method_cfg: dict[str, Any] = field(default_factory=dict)
+    loss_cfg: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rounds_per_epoch(self) -> int:
+        return max(1, self.ep_steps // max(1, self.kd_steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_value(raw: Any, typ: Any, key: str) -> Any:
+    """Convert ``raw`` (a string from the command line, or a preset value) to ``typ``."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if isinstance(raw, str) and raw.lower() in ("none", "null"):
+            return None
+        return parse_value(raw, args[0], key)
+    if origin in (tuple, list):
+        inner = typing.get_args(typ)[0] if typing.get_args(typ) else float
+        parts = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).strip("()[] ").split(",") if p]
+        return origin(parse_value(p, inner, key) for p in parts)
+    if origin is dict or typ is dict:
+        if isinstance(raw, dict):
+            return raw
+        raise DfkdError(f"{key} cannot be set from the command line")
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            if isinstance(raw, str):
+                text = raw.strip()
+                return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+            return int(raw)
+        if typ is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if typ is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return raw
+    name = getattr(typ, "__name__", str(typ))
+    raise DfkdError(f"--set {key}={raw}: expected a value of type {name}")
+
+
+def parse_assignments(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DfkdError(f"--set takes key=value, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _apply(target: dict[str, Any], hints: dict[str, Any], key: str, raw: Any, label: str) -> None:
+    target[key] = parse_value(raw, hints[key], label)
+
+
+def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any] | None = None,
+                   **fields: Any) -> tuple[RunConfig, Any, Any]:
+    """Build the run config, the method's config and the loss's config. Raises one-line errors."""
+    method_cls = SYNTHESIZERS.get(method)
+    preset_values = get_preset(method, preset)
+    run_hints = {k: v for k, v in _type_hints(RunConfig).items() if k not in ("method_cfg", "loss_cfg")}
+    method_hints = _type_hints(method_cls.Config)
+    run: dict[str, Any] = {}
+    method_values: dict[str, Any] = {}
+    loss_values: dict[str, Any] = {}
+    staged = [(k, v, "preset") for k, v in preset_values.items()]
+    staged += [(k, v, "field") for k, v in fields.items() if v is not None]
+    overrides = dict(overrides or {})
+    for key in ("loss",):  # the loss must be known before loss.* keys are checked
+        if key in overrides:
+            staged.append((key, overrides.pop(key), "--set"))
+    loss_name = next((v for k, v, _ in reversed(staged) if k == "loss" and v), "") or method_cls.default_loss
+    loss_cls = LOSSES.get(loss_name)
+    loss_hints = _type_hints(loss_cls.Config)
+    staged += [(k, v, "--set") for k, v in overrides.items()]
+    for key, raw, _source in staged:
+        if key.startswith("method."):
+            sub = key[len("method."):]
+            if sub not in method_hints:
+                raise DfkdError(unknown_name_message(f"setting of method {method}", sub, method_hints))
+            _apply(method_values, method_hints, sub, raw, key)
+        elif key.startswith("loss."):
+            sub = key[len("loss."):]
+            if sub not in loss_hints:
+                raise DfkdError(unknown_name_message(f"setting of loss {loss_name}", sub, loss_hints))
+            _apply(loss_values, loss_hints, sub, raw, key)
+        elif key in run_hints:
+            _apply(run, run_hints, key, raw, key)
+        elif key in method_hints:
+            _apply(method_values, method_hints, key, raw, key)
+        elif key in loss_hints:
+            _apply(loss_values, loss_hints, key, raw, key)
+        else:
+            valid = list(run_hints) + [f"method.{k}" for k in method_hints] + [f"loss.{k}" for k in loss_hints]
+            raise DfkdError(unknown_name_message("setting", key, valid))
+    run["method"], run["preset"], run["loss"] = method, preset, loss_name
+    cfg = RunConfig(**run)
+    method_cfg = method_cls.Config(**method_values)
+    loss_cfg = loss_cls.Config(**loss_values)
+    cfg.method_cfg = dataclasses.asdict(method_cfg)
+    cfg.loss_cfg = dataclasses.asdict(loss_cfg)
+    validate(cfg)
+    return cfg, method_cfg, loss_cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    positive = ("epochs", "ep_steps", "kd_steps", "batch_size", "synth_batch_size", "eval_batch_size")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise DfkdError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("max_images", "max_teacher_passes", "max_seconds", "pool_in_memory", "warmup_epochs"):
+        if getattr(cfg, name) < 0:
+            raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.temperature <= 0:
+        raise DfkdError("lr and temperature must be positive")
+    if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:
+        raise DfkdError(f"warmup_epochs ({cfg.warmup_epochs}) must be below epochs ({cfg.epochs})")

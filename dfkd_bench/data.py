@@ -1,0 +1,201 @@
+"""Datasets: shape, normalization and the real splits, held as uint8 tensors in memory.
+
+Only teacher training and baselines read the train split; only the runner's evaluation
+reads the test split. Synthesizers run inside :func:`sealed`, where any read raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import DataAccessError, DfkdError
+from .registry import DATASETS
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def data_root() -> Path:
+    """Where datasets are read from and downloaded to: ``$DFKD_BENCH_DATA`` or ``./data``."""
+    return Path(os.environ.get("DFKD_BENCH_DATA", "data"))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the runner and methods may know about a dataset: its shape and normalization."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def load(self, split: str, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64 of ``split`` ('train' or 'test')."""
+        if _sealed_depth:
+            raise DataAccessError(f"real data ({self.name}/{split}) was requested inside a synthesizer")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return self.loader(split, Path(root) if root else data_root())
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    return DATASETS.get(name)
+
+
+_sealed_depth = 0
+
+
+@contextlib.contextmanager
+def sealed() -> Iterator[None]:
+    """No real data may be loaded inside this block (the runner wraps every method call in it)."""
+    global _sealed_depth
+    _sealed_depth += 1
+    try:
+        yield
+    finally:
+        _sealed_depth -= 1
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped) into a uint8 tensor."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DfkdError(f"cannot read {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DfkdError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = raw[4 + 4 * ndim:]
+    expected = 1
+    for d in dims:
+        expected *= d
+    if len(body) != expected:
+        raise DfkdError(f"{path} is truncated or corrupt: {len(body)} bytes of data, expected {expected}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
+
+
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_fashion_mnist(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    candidates = [DEBIAN_FASHION_MNIST, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
+    img_stem, lbl_stem = _FMNIST_FILES[split]
+    for folder in candidates:
+        img, lbl = _find_idx(folder, img_stem), _find_idx(folder, lbl_stem)
+        if img and lbl:
+            images, labels = read_idx(img), read_idx(lbl)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise DfkdError(f"Fashion-MNIST files in {folder} do not match: "
+                                f"{tuple(images.shape)} images, {tuple(labels.shape)} labels")
+            return images.unsqueeze(1).contiguous(), labels.long()
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        ds = FashionMNIST(str(root), train=(split == "train"), download=True)
+    except Exception as exc:  # offline: urllib/ssl/OSError, whatever torchvision raises
+        raise DfkdError(
+            f"Fashion-MNIST not found and download failed ({type(exc).__name__}); install Debian's "
+            f"dataset-fashion-mnist or put {img_stem}.gz and {lbl_stem}.gz in {root / 'fashion-mnist'}"
+        ) from None
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+
+
+# ---------------------------------------------------------------- CIFAR (torchvision)
+
+def _cifar_loader(cls_name: str, archive: str) -> Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]:
+    def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        try:
+            ds = cls(str(root), train=(split == "train"), download=False)
+        except RuntimeError:
+            try:
+                ds = cls(str(root), train=(split == "train"), download=True)
+            except Exception as exc:
+                raise DfkdError(
+                    f"{cls_name} not found in {root} and download failed ({type(exc).__name__}); "
+                    f"put {archive} (or its extracted folder) in {root}"
+                ) from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(ds.targets, dtype=torch.long)
+
+    return load
+
+
+def _register(spec: DatasetSpec) -> None:
+    DATASETS.register(spec, name=spec.name)
+
+
+_register(DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), _load_fashion_mnist))
+_register(DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                      _cifar_loader("CIFAR10", "cifar-10-python.tar.gz")))
+_register(DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                      _cifar_loader("CIFAR100", "cifar-100-python.tar.gz")))
+
+
+# ---------------------------------------------------------------- shared helpers
+
+class Normalizer(torch.nn.Module):
+    """[0, 1] pixels -> the dataset's normalized space, and back."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
+             device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent of ``model`` on uint8 ``images``."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = normalizer(to_unit(images[start:start + batch_size].to(device)))
+        y = labels[start:start + batch_size].to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            correct += (model(x).argmax(1) == y).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / max(1, len(images))

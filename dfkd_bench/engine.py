@@ -1,0 +1,416 @@
+"""The shared protocol: synthesize -> pool -> distill -> evaluate, the same for every method.
+
+    for epoch in range(epochs):
+        for round in range(ep_steps // kd_steps):
+            batch = method.synthesize()              # sealed: no real data reachable
+            pool.add(batch)
+            for step in range(kd_steps):             # skipped in warm-up epochs
+                x = augment(pool.sample(batch_size))
+                student step on loss(student(x), teacher(x))
+        evaluate on the real test set; append metrics; checkpoint
+
+A run folder holds ``config.json``, ``metrics.jsonl``, ``summary.json``, ``student.pt``,
+``samples.png`` and, while running, ``checkpoint.pt`` (everything needed to resume).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from .augment import crop_flip
+from .config import RunConfig
+from .data import DatasetSpec, Normalizer, evaluate, get_dataset, sealed, to_unit
+from .errors import DfkdError
+from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
+from .pool import SamplePool
+from .registry import LOSSES, SYNTHESIZERS
+from .runtime import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, device_name,
+                      git_commit, rng_state, seed_everything, select_device, set_rng_state, versions)
+from .teachers import load_state_dict, load_teacher
+from .zoo import create_model
+
+CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
+STUDENT, SAMPLES, POOL = "student.pt", "samples.png", "pool.pt"
+
+
+class Reporter(Protocol):
+    """What the runner tells the outside world (the CLI draws a rich progress bar from it)."""
+
+    def start(self, total_rounds: int, done_rounds: int, description: str) -> None: ...
+    def round_done(self, epoch: int, round_: int, terms: dict[str, float]) -> None: ...
+    def epoch_done(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total_rounds: int, done_rounds: int, description: str) -> None:
+        pass
+
+    def round_done(self, epoch: int, round_: int, terms: dict[str, float]) -> None:
+        pass
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class Counters:
+    """Budget and timing counters, checkpointed with the run."""
+
+    images: int = 0
+    teacher_passes: int = 0
+    synth_seconds: float = 0.0
+    distill_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    elapsed: float = 0.0  # wall seconds of the run, summed over resumed sessions
+    rounds: int = 0
+    kd_steps: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _mean_terms(acc: dict[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in acc.items() if v}
+
+
+class Runner:
+    """Runs one (method, dataset, teacher, student, seed) under the shared protocol."""
+
+    def __init__(self, cfg: RunConfig, method_cfg: Any, loss_cfg: Any, run_dir: Path,
+                 teacher_store: Path | None = None, reporter: Reporter | None = None):
+        self.cfg, self.method_cfg, self.loss_cfg = cfg, method_cfg, loss_cfg
+        self.run_dir = Path(run_dir)
+        self.reporter = reporter or SilentReporter()
+        self.spec: DatasetSpec = get_dataset(cfg.dataset)
+        self.device = select_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self._prepare_folder()
+        seed_everything(cfg.seed)
+        self.teacher, self.teacher_meta = load_teacher(self.spec, cfg.teacher, teacher_store,
+                                                       Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None)
+        self.teacher.to(self.device)
+        spec = self.spec
+        self.student = create_model(cfg.student, spec.num_classes, spec.channels, spec.image_size).to(self.device)
+        self.normalizer = Normalizer(spec.mean, spec.std).to(self.device)
+        self.test_x, self.test_y = spec.load("test")
+        if self.teacher_meta.get("test_accuracy") is None:
+            self.teacher_meta["test_accuracy"] = evaluate(self.teacher, self.test_x, self.test_y, self.normalizer,
+                                                          self.device, cfg.eval_batch_size)
+        method_cls = SYNTHESIZERS.get(cfg.method)
+        ctx = SynthContext(self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer,
+                           self.device, cfg.synth_batch_size, self.amp)
+        with sealed():
+            self.method: Synthesizer = method_cls(ctx, method_cfg).to(self.device)
+        self.loss_fn: DistillLoss = LOSSES.get(cfg.loss)(
+            LossContext(self.teacher, self.student, spec.image_shape, spec.num_classes, cfg.temperature),
+            loss_cfg).to(self.device)
+        if self.loss_fn.needs_labels and not method_cls.uses_labels:
+            raise DfkdError(f"loss '{cfg.loss}' needs labels, but method '{cfg.method}' does not keep them")
+        params = list(self.student.parameters()) + list(self.loss_fn.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        kd_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.augment = crop_flip(spec.image_size).to(self.device) if cfg.kd_augment else nn.Identity()
+        self.pool = SamplePool(cfg.pool_in_memory, self.run_dir / "pool_spill" if cfg.pool_in_memory else None)
+        self.sampler = torch.Generator().manual_seed(cfg.seed)
+        self.counters = Counters()
+        self.start_epoch = 0
+        if cfg.init_bank:
+            self._load_init_bank(Path(cfg.init_bank))
+
+    # ------------------------------------------------------------ folder, resume, bank
+
+    def _prepare_folder(self) -> None:
+        cfg_path = self.run_dir / CONFIG
+        wanted = self.cfg.to_dict()
+        if cfg_path.is_file():
+            try:
+                existing = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError:
+                raise DfkdError(f"{cfg_path} is corrupt; choose another --output or delete that folder") from None
+            if _comparable(existing) != _comparable(wanted):
+                diff = sorted(k for k in set(existing) | set(wanted)
+                              if k not in _IGNORED_FOR_RESUME and existing.get(k) != wanted.get(k))
+                raise DfkdError(f"{self.run_dir} holds a different run (differs in: {', '.join(diff)}); "
+                                "choose another --output or --name")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cfg_path, wanted)
+        except OSError as exc:
+            raise DfkdError(f"cannot write to {self.run_dir}: {exc.strerror or exc}") from None
+
+    def _load_init_bank(self, bank_dir: Path) -> None:
+        path = bank_dir / POOL if bank_dir.is_dir() else bank_dir
+        if not path.is_file():
+            raise DfkdError(f"no pool in {bank_dir}; build one with a synthesis-only run "
+                            "(--set synthesis_only=true)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.pool.load_state_dict(state)
+        except (RuntimeError, KeyError, OSError, EOFError) as exc:
+            raise DfkdError(f"{path} is not a readable pool: {exc}") from None
+        if tuple(self.pool.tensors()[0].shape[1:]) != self.spec.image_shape:
+            raise DfkdError(f"the init bank in {bank_dir} holds images of another shape")
+        self.reporter.message(f"init bank: {len(self.pool)} images from {bank_dir}")
+
+    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "student": self.student.state_dict(),
+            "loss_fn": self.loss_fn.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "pool": self.pool.state_dict(),
+            "rng": rng_state(),
+            "sampler": self.sampler.get_state(),
+            "counters": vars(self.counters),
+        }
+
+    def try_resume(self) -> bool:
+        """Continue from ``checkpoint.pt`` if the folder has one. Returns whether it did."""
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a checkpoint is replaced atomically, so this is a foreign file
+            raise DfkdError(f"cannot resume from {path}: {type(exc).__name__}; delete it to start over") from None
+        self.student.load_state_dict(state["student"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.pool.load_state_dict(state["pool"])
+        set_rng_state(state["rng"])
+        self.sampler.set_state(state["sampler"])
+        self.counters = Counters(**state["counters"])
+        self.start_epoch = state["epoch"] + 1
+        _truncate_metrics(self.run_dir / METRICS, self.start_epoch)
+        self.reporter.message(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+        return True
+
+    # ------------------------------------------------------------ the protocol
+
+    def _budget_reached(self) -> str | None:
+        cfg, c = self.cfg, self.counters
+        if cfg.max_images and c.images >= cfg.max_images:
+            return f"max_images={cfg.max_images}"
+        if cfg.max_teacher_passes and c.teacher_passes >= cfg.max_teacher_passes:
+            return f"max_teacher_passes={cfg.max_teacher_passes}"
+        if cfg.max_seconds and c.elapsed + (time.time() - self._session_start) >= cfg.max_seconds:
+            return f"max_seconds={cfg.max_seconds:g}"
+        return None
+
+    def _synthesize(self, terms: dict[str, list[float]]) -> None:
+        self.student.eval().requires_grad_(False)
+        t0 = time.time()
+        with sealed():
+            batch = self.method.synthesize()
+        self.counters.synth_seconds += time.time() - t0
+        if not torch.isfinite(batch.images).all():
+            raise NonFiniteError("the synthesizer produced non-finite images")
+        self.pool.add(batch.images, batch.labels if self.method.uses_labels else None)
+        self.counters.images += len(batch.images)
+        self.counters.teacher_passes += batch.teacher_passes
+        self.counters.rounds += 1
+        for k, v in batch.losses.items():
+            if not math.isfinite(v):
+                raise NonFiniteError(f"synthesis loss term '{k}' is {v}")
+            terms[f"synth/{k}"].append(v)
+        self.student.train().requires_grad_(True)
+
+    def _distill_step(self, terms: dict[str, list[float]]) -> None:
+        images, labels = self.pool.sample(self.cfg.batch_size, self.sampler)
+        x = self.normalizer(self.augment(to_unit(images.to(self.device))))
+        y = labels.to(self.device) if labels is not None else None
+        with torch.autocast(self.device.type, enabled=self.amp):
+            with torch.no_grad():
+                t_feat = self.teacher.forward_features(x)
+                t = Outputs(t_feat, self.teacher.forward_head(t_feat))
+            s_feat = self.student.forward_features(x)
+            s = Outputs(s_feat, self.student.forward_head(s_feat))
+            parts = self.loss_fn(s, t, y)
+        loss = sum(parts.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"distillation loss is {loss.item()} ({', '.join(parts)})")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        for k, v in parts.items():
+            terms[f"kd/{k}"].append(v.item())
+        with sealed():
+            extra = self.method.after_student_step(x, y)
+        for k, v in extra.items():
+            terms[f"kd/{k}"].append(v)
+        self.counters.kd_steps += 1
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        summary_path = self.run_dir / SUMMARY
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            if summary.get("status") in ("complete", "budget"):
+                self.reporter.message(f"{self.run_dir} is already complete")
+                return summary
+        self.try_resume()
+        self._session_start = time.time()
+        rounds = cfg.rounds_per_epoch
+        self.reporter.start(cfg.epochs * rounds, self.start_epoch * rounds,
+                            f"{cfg.method} {cfg.teacher}->{cfg.student} s{cfg.seed}")
+        status, reason, epoch = "complete", None, self.start_epoch - 1
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                reason = self._run_epoch(epoch)
+                if reason:
+                    status = "budget"
+                    break
+        except NonFiniteError as exc:
+            status, reason = "failed", str(exc)
+        self.counters.elapsed += time.time() - self._session_start
+        return self._finish(status, reason, epoch)
+
+    def _run_epoch(self, epoch: int) -> str | None:
+        cfg = self.cfg
+        warmup = epoch < cfg.warmup_epochs
+        distill = not (warmup or cfg.synthesis_only)
+        terms: dict[str, list[float]] = _DefaultList()
+        self.method.on_epoch_start(epoch, warmup)
+        stop = None
+        for round_ in range(cfg.rounds_per_epoch):
+            self._synthesize(terms)
+            if distill:
+                t0 = time.time()
+                for _ in range(cfg.kd_steps):
+                    self._distill_step(terms)
+                self.counters.distill_seconds += time.time() - t0
+            if not all(math.isfinite(p.detach().float().sum().item()) for p in self.student.parameters()):
+                raise NonFiniteError("student weights became non-finite")
+            self.reporter.round_done(epoch, round_, {k: v[-1] for k, v in terms.items() if v})
+            stop = self._budget_reached()
+            if stop:
+                break
+        if distill:
+            self.scheduler.step()
+        t0 = time.time()
+        acc = evaluate(self.student, self.test_x, self.test_y, self.normalizer, self.device, cfg.eval_batch_size)
+        self.counters.eval_seconds += time.time() - t0
+        if acc > self.counters.best_acc:
+            self.counters.best_acc, self.counters.best_epoch = acc, epoch
+        record = {
+            "epoch": epoch, "test_acc": round(acc, 4), "warmup": warmup,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images": self.counters.images, "teacher_passes": self.counters.teacher_passes,
+            "kd_steps": self.counters.kd_steps,
+            "synth_seconds": round(self.counters.synth_seconds, 3),
+            "distill_seconds": round(self.counters.distill_seconds, 3),
+            "elapsed_seconds": round(self.counters.elapsed + time.time() - self._session_start, 3),
+            **{k: round(v, 6) for k, v in _mean_terms(terms).items()},
+        }
+        append_jsonl(self.run_dir / METRICS, record)
+        self.reporter.epoch_done(record)
+        if epoch < self.cfg.epochs - 1 and not stop:
+            # the session's wall time so far is part of what resumes
+            saved = self.counters.elapsed
+            self.counters.elapsed += time.time() - self._session_start
+            atomic_torch_save(self.run_dir / CHECKPOINT, self._checkpoint_state(epoch))
+            self.counters.elapsed = saved
+        return stop
+
+    def _finish(self, status: str, reason: str | None, last_epoch: int) -> dict[str, Any]:
+        metrics = read_metrics(self.run_dir / METRICS)
+        c = self.counters
+        summary = {
+            "status": status,
+            "reason": reason,
+            "method": self.cfg.method, "loss": self.cfg.loss, "preset": self.cfg.preset,
+            "dataset": self.cfg.dataset, "teacher": self.cfg.teacher, "student": self.cfg.student,
+            "teacher_arch": self.teacher_meta.get("arch"), "student_arch": getattr(self.student, "dfkd_name", None),
+            "seed": self.cfg.seed,
+            "epochs_done": len(metrics),
+            "final_acc": metrics[-1]["test_acc"] if metrics else None,
+            "best_acc": round(c.best_acc, 4) if c.best_acc >= 0 else None,
+            "best_epoch": c.best_epoch if c.best_epoch >= 0 else None,
+            "teacher_acc": self.teacher_meta.get("test_accuracy"),
+            "teacher_sha256": self.teacher_meta.get("sha256"),
+            "teacher_path": self.teacher_meta.get("path"),
+            "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
+            "synth_seconds": round(c.synth_seconds, 2), "distill_seconds": round(c.distill_seconds, 2),
+            "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),
+            "device": device_name(self.device), "amp": self.amp,
+            "versions": versions(), "git_commit": git_commit(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if status != "failed":
+            atomic_torch_save(self.run_dir / STUDENT, self.student.state_dict())
+        if len(self.pool):
+            save_sample_grid(self.pool.last(64), self.run_dir / SAMPLES)
+        if self.cfg.synthesis_only:
+            atomic_torch_save(self.run_dir / POOL, self.pool.state_dict())
+        atomic_write_json(self.run_dir / SUMMARY, summary)
+        (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
+        return summary
+
+
+class _DefaultList(dict):
+    def __missing__(self, key: str) -> list[float]:
+        self[key] = []
+        return self[key]
+
+
+_IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _IGNORED_FOR_RESUME}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Per-epoch records; a last line cut short by a crash is skipped."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Drop records of epochs after the checkpoint (they will be run again)."""
+    kept = [r for r in read_metrics(path) if r.get("epoch", 0) < epochs]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def save_sample_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    from torchvision.utils import save_image
+
+    buf = io.BytesIO()
+    save_image(images.float() / 255.0, buf, nrow=nrow, padding=2, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+__all__ = ["Runner", "Reporter", "SilentReporter", "read_metrics", "load_state_dict"]

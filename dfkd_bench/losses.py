@@ -1,0 +1,125 @@
+"""Shared loss terms: BatchNorm statistics, KL distillation, the adversarial term, image priors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BNStatsHook:
+    """Forward hook on one BatchNorm2d layer: compares the batch statistics of its input with
+    the layer's running statistics, optionally blended with a moving average of earlier
+    batches (``momentum``, Fast's "BN-statistics momentum").
+
+    After a forward pass: ``loss`` is ``||mu - running_mean||_2 + ||var - running_var||_2``
+    and ``sample_means`` the per-sample channel means ``(B, C)`` of the input (CMI's features).
+    """
+
+    def __init__(self, module: nn.BatchNorm2d, momentum: float = 0.0):
+        self.module = module
+        self.momentum = momentum
+        self.ema: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+        self.sample_means: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0].float()
+        self.sample_means = x.mean(dim=(2, 3))
+        mean = self.sample_means.mean(0)
+        var = x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
+        self._last = (mean.detach(), var.detach())
+        if self.momentum > 0 and self.ema is not None:
+            mean = self.momentum * self.ema[0] + (1 - self.momentum) * mean
+            var = self.momentum * self.ema[1] + (1 - self.momentum) * var
+        self.loss = torch.linalg.vector_norm(mean - module.running_mean.float()) + \
+            torch.linalg.vector_norm(var - module.running_var.float())
+
+    def update_ema(self) -> None:
+        """Fold the last batch's statistics into the moving average (call once per synthesis round)."""
+        if self._last is None:
+            return
+        if self.ema is None:
+            self.ema = self._last
+        else:
+            m = self.momentum
+            self.ema = (m * self.ema[0] + (1 - m) * self._last[0], m * self.ema[1] + (1 - m) * self._last[1])
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class BNStatistics:
+    """Hooks on every BatchNorm2d layer of ``model`` (timm's BatchNormAct2d subclasses it)."""
+
+    def __init__(self, model: nn.Module, momentum: float = 0.0):
+        self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.hooks:
+            raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer; BN-statistics methods need one")
+
+    def loss(self) -> torch.Tensor:
+        """The BN-statistics loss of the last forward pass, summed over layers."""
+        return torch.stack([h.loss for h in self.hooks]).sum()
+
+    def features(self) -> torch.Tensor:
+        """Concatenated per-sample channel means of every BN layer's input, ``(B, sum C_l)``."""
+        return torch.cat([h.sample_means for h in self.hooks], dim=1)
+
+    def update_ema(self) -> None:
+        for h in self.hooks:
+            h.update_ema()
+
+    def state_dict(self) -> dict:
+        return {"ema": [h.ema for h in self.hooks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for h, ema in zip(self.hooks, state["ema"]):
+            h.ema = ema
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One-shot BN-statistics loss of ``model`` on ``x`` (hooks added and removed)."""
+    stats = BNStatistics(model)
+    try:
+        model(x)
+        return stats.loss()
+    finally:
+        stats.remove()
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2; ``reduction='none'`` gives one value per sample."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_p_s, p_t, reduction="none").sum(1) * temperature**2
+    return kl.mean() if reduction == "batchmean" else kl
+
+
+def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Masked competition term: minus the student-teacher KL on samples where they still agree."""
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(kl_divergence(student_logits, teacher_logits, 1.0, reduction="none") * agree).mean()
+
+
+def jensen_shannon_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's adaptive term: minus the Jensen-Shannon divergence, no mask."""
+    p_s = F.softmax(student_logits.float(), 1)
+    p_t = F.softmax(teacher_logits.float(), 1)
+    m = (0.5 * (p_s + p_t)).clamp_min(1e-8).log()
+    js = 0.5 * (F.kl_div(m, p_s, reduction="batchmean") + F.kl_div(m, p_t, reduction="batchmean"))
+    return -js.clamp(0.0, 1.0)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels: horizontal, vertical and both diagonals."""
+    return ((x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+            + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+            + (x[..., 1:, 1:] - x[..., :-1, :-1]).abs().mean()
+            + (x[..., 1:, :-1] - x[..., :-1, 1:]).abs().mean())

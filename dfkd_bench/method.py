@@ -1,0 +1,141 @@
+"""Base classes for synthesizers and distillation losses, and what the runner hands them.
+
+A synthesizer sees the teacher, the student, the image shape, the normalization and the
+number of classes: never a dataset. Adding a method is one file in ``methods/``::
+
+    @SYNTHESIZERS.register
+    class MyMethod(Synthesizer):
+        name = "mine"
+        summary = "one line for `dfkd-bench methods`"
+
+        @dataclass
+        class Config:
+            g_steps: int = 100
+
+        def synthesize(self) -> SynthBatch: ...
+
+    register_preset("mine", "paper", {...})
+    register_preset("mine", "quick", {...})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from .data import Normalizer
+from .losses import kl_divergence
+from .registry import LOSSES
+
+
+@dataclass
+class SynthContext:
+    """Everything a synthesizer may use. The teacher is frozen and in eval mode."""
+
+    teacher: nn.Module
+    student: nn.Module
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    normalizer: Normalizer  # [0, 1] pixels -> network input
+    device: torch.device
+    synth_batch_size: int
+    amp: bool = False  # autocast is allowed (CUDA only)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda")
+
+
+@dataclass
+class SynthBatch:
+    """One round's output: images in [0, 1], optional target labels, and how the loss went."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    losses: dict[str, float] = field(default_factory=dict)  # the last step's named terms
+    loss_curve: list[float] = field(default_factory=list)  # total synthesis loss per step
+    teacher_passes: int = 0  # teacher forward+backward passes spent on this batch (images x steps)
+
+
+class Synthesizer(nn.Module):
+    """A data-free method's synthesis half. Persistent state (generator, heads, banks) lives in
+    submodules and buffers so ``state_dict`` checkpoints it; anything else goes through
+    ``get_extra_state``/``set_extra_state``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type]
+    default_loss: ClassVar[str] = "kl"
+    uses_labels: ClassVar[bool] = False  # the pool keeps the target labels
+
+    def __init__(self, ctx: SynthContext, cfg: Any):
+        super().__init__()
+        self.ctx = ctx
+        self.cfg = cfg
+
+    def synthesize(self) -> SynthBatch:
+        raise NotImplementedError
+
+    def on_epoch_start(self, epoch: int, warmup: bool) -> None:
+        """Called before each epoch's first round; ``warmup`` epochs only synthesize."""
+
+    def after_student_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        """Called after every student step on the (augmented, normalized) batch; returns logged terms."""
+        return {}
+
+    def teacher_student(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher and student logits on normalized images; gradients flow to ``x_norm`` only."""
+        with self.ctx.autocast():
+            t = self.ctx.teacher(x_norm)
+            s = self.ctx.student(x_norm)
+        return t.float(), s.float()
+
+
+@dataclass
+class Outputs:
+    """A network's output on a batch: the last feature map and the logits."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class LossContext:
+    teacher: nn.Module
+    student: nn.Module
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    temperature: float
+
+
+class DistillLoss(nn.Module):
+    """The student's loss. Its parameters (if any) are trained with the student's optimizer."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type]
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, ctx: LossContext, cfg: Any):
+        super().__init__()
+        self.ctx = ctx
+        self.cfg = cfg
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Named terms; the runner minimizes their sum."""
+        raise NotImplementedError
+
+
+@LOSSES.register
+class KLLoss(DistillLoss):
+    name = "kl"
+    summary = "KL(softmax(t/T) || softmax(s/T)) * T^2, the batch mean"
+
+    @dataclass
+    class Config:
+        pass
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"kd": kl_divergence(s.logits, t.logits, self.ctx.temperature)}
