@@ -1,0 +1,115 @@
+"""The generator-inversion loop that CMI, Fast and CSD share.
+
+Each round: take a generator (fresh, or a clone of a shared one), draw latents ``z`` and
+target classes ``y``, and optimize ``G`` and ``z`` jointly for ``g_steps`` with Adam on
+
+    bn * L_BN + oh * CE(T(x), y) + adv * L_adv + <the method's extra terms>
+
+where ``x`` is the per-sample augmented, normalized output of ``G(z)``. The lowest-loss
+batch is returned. Methods customize it through small hooks instead of copying the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import crop_flip
+from .generator import Generator
+from .losses import BNStatistics, adversarial_loss
+from .method import SynthBatch, SynthContext, Synthesizer
+
+
+@dataclass
+class GeneratorConfig:
+    """Settings every generator-based method has; a method's Config subclasses this."""
+
+    g_steps: int = 500
+    lr_g: float = 1e-3
+    lr_z: float = 1e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+    nz: int = 256
+    ngf: int = 64
+    bn: float = 1.0
+    oh: float = 1.0
+    adv: float = 0.5
+    bn_momentum: float = 0.0  # blend batch BN statistics with earlier rounds' (Fast: 0.9)
+    reset_generator: bool = True  # re-initialize G every round (CMI, CSD)
+
+
+class GeneratorSynthesizer(Synthesizer):
+    """Base for methods that invert the teacher through a DCGAN-style generator."""
+
+    def __init__(self, ctx: SynthContext, cfg: GeneratorConfig):
+        super().__init__(ctx, cfg)
+        c, h, _ = ctx.image_shape
+        self.generator = Generator(cfg.nz, cfg.ngf, h, c)
+        self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum)
+        self.augment = crop_flip(h)
+        self.adversarial = True  # off during warm-up epochs
+
+    # ---------------------------------------------------------------- hooks
+
+    def on_epoch_start(self, epoch: int, warmup: bool) -> None:
+        self.adversarial = not warmup
+
+    def round_generator(self) -> nn.Module:
+        """The generator this round optimizes. Default: the method's own, re-initialized if configured."""
+        if self.cfg.reset_generator:
+            self.generator.reset_parameters()
+        return self.generator
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Further parameters optimized jointly with G this round (e.g. a projection head)."""
+        return []
+
+    def extra_terms(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    t_logits: torch.Tensor, s_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted loss terms added to BN + CE + adv. ``images`` in [0, 1], ``x`` augmented and normalized."""
+        return {}
+
+    def after_backward(self, generator: nn.Module) -> None:
+        """Called after each inner backward pass, before the optimizer step."""
+
+    def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
+        """Called once the round's best batch is chosen."""
+
+    # ---------------------------------------------------------------- the loop
+
+    def synthesize(self) -> SynthBatch:
+        cfg, ctx = self.cfg, self.ctx
+        n = ctx.synth_batch_size
+        generator = self.round_generator()
+        generator.train()
+        z = torch.randn(n, cfg.nz, device=ctx.device, requires_grad=True)
+        y = torch.randint(ctx.num_classes, (n,), device=ctx.device)
+        groups = [{"params": list(generator.parameters()), "lr": cfg.lr_g}, {"params": [z], "lr": cfg.lr_z}]
+        opt = torch.optim.Adam(groups + self.extra_param_groups(), betas=(cfg.beta1, cfg.beta2))
+        best, best_loss, curve, last = None, float("inf"), [], {}
+        for _ in range(cfg.g_steps):
+            images = generator(z)
+            x = ctx.normalizer(self.augment(images))
+            t, s = self.teacher_student(x)
+            terms = {"bn": cfg.bn * self.bn_stats.loss(), "ce": cfg.oh * F.cross_entropy(t, y)}
+            if self.adversarial and cfg.adv > 0:
+                terms["adv"] = cfg.adv * adversarial_loss(s, t)
+            terms.update(self.extra_terms(images, x, y, t, s))
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.after_backward(generator)
+            opt.step()
+            value = loss.item()
+            curve.append(value)
+            if value < best_loss:
+                best_loss, best = value, images.detach().clone()
+            last = {k: v.item() for k, v in terms.items()}
+        self.bn_stats.update_ema()
+        batch = SynthBatch(best, y, {**last, "total": curve[-1]}, curve, teacher_passes=n * cfg.g_steps)
+        self.after_round(generator, batch)
+        return batch
