@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dfkd_bench.losses import BNStatistics, adversarial_loss, jensen_shannon_loss, total_variation
 from dfkd_bench.method import SynthBatch, Synthesizer
+from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
 
 
@@ -92,8 +93,5 @@ register_preset("deepinversion", "paper", {
     "epochs": 200, "ep_steps": 400, "kd_steps": 400, "batch_size": 256, "synth_batch_size": 256,
     "lr": 0.1, "weight_decay": 1e-4, "temperature": 20.0, "method.g_steps": 2000,
 })
-# Minutes on a 2-core CPU: a handful of short inversions, enough to see the student learn.
-register_preset("deepinversion", "quick", {
-    "epochs": 5, "ep_steps": 100, "kd_steps": 50, "batch_size": 128, "synth_batch_size": 64,
-    "lr": 0.1, "weight_decay": 1e-4, "temperature": 20.0, "method.g_steps": 50,
-})
+register_preset("deepinversion", "quick", {**QUICK_PROTOCOL, "method.g_steps": 50})
+register_preset("deepinversion", "cpu", {**CPU_PROTOCOL, "method.g_steps": 50})
