@@ -262,6 +262,26 @@ def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, store, dev
                   f"sha256 {meta['sha256'][:16]}..., in {store / dataset}")
 
 
+@teacher.command("import")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="cmi", show_default=True,
+              help="cmi: the CMI/Fast/CSD code's {'state_dict': ...} layout; native: this zoo's keys.")
+@click.option("--arch", required=True)
+@click.option("--dataset", required=True)
+@click.option("--store", type=click.Path(path_type=Path), default=None)
+@click.option("--device", default="auto", show_default=True)
+def teacher_import(checkpoint, fmt, arch, dataset, store, device) -> None:
+    """Convert a teacher checkpoint from another code base into the store."""
+    from .data import get_dataset
+    from .teachers import default_store, import_teacher
+
+    spec = get_dataset(dataset)
+    store = store or default_store()
+    meta = import_teacher(checkpoint, fmt, spec, arch, store, device)
+    acc = f"{meta['test_accuracy']:.2f}%" if meta["test_accuracy"] is not None else "not measured (no test data)"
+    console.print(f"imported {checkpoint} as {meta['arch']} for {dataset}: every tensor mapped, test accuracy {acc}")
+
+
 @teacher.command("list")
 @click.option("--store", type=click.Path(path_type=Path), default=None)
 def teacher_list(store) -> None:
@@ -277,10 +297,14 @@ def teacher_list(store) -> None:
     for col in ("dataset", "arch", "test acc", "epochs", "sha256", "path"):
         table.add_column(col)
     for m in rows:
-        table.add_row(m.get("dataset", "?"), m.get("arch", "?"), f"{m.get('test_accuracy', float('nan')):.2f}",
+        table.add_row(m.get("dataset", "?"), m.get("arch", "?"), _fmt_acc(m.get("test_accuracy")),
                       str(m.get("train_settings", {}).get("epochs", "?")), str(m.get("sha256", ""))[:12],
                       m["path"])
     console.print(table)
+
+
+def _fmt_acc(acc) -> str:
+    return "-" if acc is None else f"{acc:.2f}"
 
 
 def main() -> None:

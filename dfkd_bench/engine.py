@@ -15,6 +15,7 @@ A run folder holds ``config.json``, ``metrics.jsonl``, ``summary.json``, ``stude
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -107,13 +108,18 @@ class Runner:
                                                        Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None)
         self.teacher.to(self.device)
         spec = self.spec
-        self.student = create_model(cfg.student, spec.num_classes, spec.channels, spec.image_size).to(self.device)
+        method_cls = SYNTHESIZERS.get(cfg.method)
+        if method_cls.student_is_teacher:
+            self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+            self.student.dfkd_name = self.teacher_meta.get("arch")
+        else:
+            self.student = create_model(cfg.student, spec.num_classes, spec.channels, spec.image_size)
+        self.student.to(self.device)
         self.normalizer = Normalizer(spec.mean, spec.std).to(self.device)
         self.test_x, self.test_y = spec.load("test")
         if self.teacher_meta.get("test_accuracy") is None:
             self.teacher_meta["test_accuracy"] = evaluate(self.teacher, self.test_x, self.test_y, self.normalizer,
                                                           self.device, cfg.eval_batch_size)
-        method_cls = SYNTHESIZERS.get(cfg.method)
         ctx = SynthContext(self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer,
                            self.device, cfg.synth_batch_size, self.amp)
         with sealed():
@@ -133,6 +139,11 @@ class Runner:
         self.sampler = torch.Generator().manual_seed(cfg.seed)
         self.counters = Counters()
         self.start_epoch = 0
+        self.trains_student = not method_cls.student_is_teacher
+        self.real_pool = method_cls.real_data_split is not None
+        if self.real_pool:
+            # a baseline's real data enters through the runner, never through the method
+            self.pool.add(*spec.load(method_cls.real_data_split))
         if cfg.init_bank:
             self._load_init_bank(Path(cfg.init_bank))
 
@@ -180,7 +191,7 @@ class Runner:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "pool": self.pool.state_dict(),
+            "pool": None if self.real_pool else self.pool.state_dict(),
             "rng": rng_state(),
             "sampler": self.sampler.get_state(),
             "counters": vars(self.counters),
@@ -201,7 +212,8 @@ class Runner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.pool.load_state_dict(state["pool"])
+        if state["pool"] is not None:
+            self.pool.load_state_dict(state["pool"])
         set_rng_state(state["rng"])
         self.sampler.set_state(state["sampler"])
         self.counters = Counters(**state["counters"])
@@ -230,7 +242,8 @@ class Runner:
         self.counters.synth_seconds += time.time() - t0
         if not torch.isfinite(batch.images).all():
             raise NonFiniteError("the synthesizer produced non-finite images")
-        self.pool.add(batch.images, batch.labels if self.method.uses_labels else None)
+        if len(batch.images):
+            self.pool.add(batch.images, batch.labels if self.method.uses_labels else None)
         self.counters.images += len(batch.images)
         self.counters.teacher_passes += batch.teacher_passes
         self.counters.rounds += 1
@@ -298,7 +311,7 @@ class Runner:
         terms: dict[str, list[float]] = _DefaultList()
         self.method.on_epoch_start(epoch, warmup)
         stop = None
-        for round_ in range(cfg.rounds_per_epoch):
+        for round_ in range(cfg.rounds_per_epoch if self.trains_student else 0):
             self._synthesize(terms)
             if distill:
                 t0 = time.time()
@@ -311,7 +324,7 @@ class Runner:
             stop = self._budget_reached()
             if stop:
                 break
-        if distill:
+        if distill and self.trains_student:
             self.scheduler.step()
         t0 = time.time()
         acc = evaluate(self.student, self.test_x, self.test_y, self.normalizer, self.device, cfg.eval_batch_size)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .data import Normalizer
 from .losses import kl_divergence
@@ -69,6 +70,10 @@ class Synthesizer(nn.Module):
     Config: ClassVar[type]
     default_loss: ClassVar[str] = "kl"
     uses_labels: ClassVar[bool] = False  # the pool keeps the target labels
+    # Baselines only (reference rows, not data-free methods):
+    is_baseline: ClassVar[bool] = False
+    real_data_split: ClassVar[str | None] = None  # the runner fills the pool with this real split
+    student_is_teacher: ClassVar[bool] = False  # evaluate the teacher itself, train nothing
 
     def __init__(self, ctx: SynthContext, cfg: Any):
         super().__init__()
@@ -126,6 +131,20 @@ class DistillLoss(nn.Module):
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Named terms; the runner minimizes their sum."""
         raise NotImplementedError
+
+
+@LOSSES.register
+class CELoss(DistillLoss):
+    name = "ce"
+    summary = "cross entropy on the pool's labels only (no teacher): training from labels"
+    needs_labels = True
+
+    @dataclass
+    class Config:
+        pass
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(s.logits.float(), y)}
 
 
 @LOSSES.register

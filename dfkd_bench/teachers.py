@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,7 +135,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise DfkdError(f"refusing {path}: it needs pickled code to load (weights_only=True); "
                             "re-save it as a plain state dict") from None
         raise DfkdError(f"{path} is not a readable checkpoint: {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # torch's unpickler raises anything (IndexError, KeyError, ...) on garbage
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DfkdError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -187,3 +186,93 @@ def load_teacher(spec: DatasetSpec, arch: str, store: Path | None = None,
     model.eval().requires_grad_(False)
     meta = {**meta, "arch": resolved, "path": str(ckpt), "sha256": digest}
     return model, meta
+
+
+# ---------------------------------------------------------------- foreign checkpoints
+
+def _natural_key(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in key.replace(".", " . ").split()]
+
+
+def _conv_bn_prefixes(keys: list[str], pattern: str) -> list[str]:
+    """Module prefixes (in network order) of the conv/BN layers whose keys start with ``pattern``."""
+    prefixes = {k.rsplit(".", 1)[0] for k in keys if k.startswith(pattern)}
+    return sorted(prefixes, key=_natural_key)
+
+
+def convert_cmi_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the keys of a checkpoint from the CMI/Fast/CSD code base to this zoo's model.
+
+    Their WRN nests blocks under ``blockN.layer.i`` with ``convShortcut`` and a final ``bn1``;
+    their CIFAR ResNet calls the classifier ``linear``; their VGG keeps conv/BN pairs in
+    ``blockN.j`` and the classifier in ``classifier``.
+    """
+    from .zoo import SmallImageResNet, SmallImageVGG, WideResNet
+
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(model, WideResNet):
+        for k, v in state.items():
+            k = k.replace(".layer.", ".").replace("convShortcut", "project")
+            if k.startswith("bn1."):
+                k = "bn_final." + k[len("bn1."):]
+            out[k] = v
+    elif isinstance(model, SmallImageResNet):
+        out = {("fc." + k[len("linear."):]) if k.startswith("linear.") else k: v for k, v in state.items()}
+    elif isinstance(model, SmallImageVGG):
+        theirs = _conv_bn_prefixes(list(state), "block")
+        ours = [name for name, m in model.features.named_modules()
+                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+        if len(theirs) != len(ours):
+            raise DfkdError(f"the checkpoint has {len(theirs)} conv/BN layers, the model {len(ours)}")
+        rename = {t: f"features.{o}" for t, o in zip(theirs, ours)}
+        for k, v in state.items():
+            prefix, _, leaf = k.rpartition(".")
+            if prefix in rename:
+                out[f"{rename[prefix]}.{leaf}"] = v
+            elif k.startswith("classifier."):
+                out["fc." + k[len("classifier."):]] = v
+            else:
+                out[k] = v
+    else:
+        raise DfkdError(f"--format cmi converts the zoo's ResNets, WRNs and VGGs, not {type(model).__name__}")
+    # older checkpoints lack BN's num_batches_tracked; it does not affect eval-mode outputs
+    own = model.state_dict()
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked") and k not in out:
+            out[k] = v
+    return out
+
+
+IMPORT_FORMATS = {"cmi": convert_cmi_state_dict, "native": lambda state, model: state}
+
+
+def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Path,
+                   device: str = "auto") -> dict[str, Any]:
+    """Convert a foreign teacher checkpoint, verify every tensor maps, measure it, store it."""
+    if fmt not in IMPORT_FORMATS:
+        raise DfkdError(f"unknown import format '{fmt}' (valid: {', '.join(IMPORT_FORMATS)})")
+    resolved = resolve_model_name(arch, spec.image_size)
+    model = create_model(arch, spec.num_classes, spec.channels, spec.image_size)
+    state = IMPORT_FORMATS[fmt](load_state_dict(Path(path)), model)
+    load_weights(model, state, str(path), resolved)
+    accuracy = None
+    try:
+        test_x, test_y = spec.load("test")
+    except DfkdError:
+        test_x = None  # no test data here: store it without a measured accuracy
+    if test_x is not None:
+        dev = select_device(device)
+        model.to(dev)
+        accuracy = round(evaluate(model, test_x, test_y, Normalizer(spec.mean, spec.std).to(dev), dev), 2)
+    ckpt, side = teacher_paths(store, spec.name, resolved)
+    atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    sidecar = {
+        "arch": resolved, "requested_arch": arch, "dataset": spec.name, "num_classes": spec.num_classes,
+        "in_chans": spec.channels, "image_size": spec.image_size, "test_accuracy": accuracy,
+        "sha256": sha256_file(ckpt),
+        "imported_from": str(path), "import_format": fmt, "source_sha256": sha256_file(Path(path)),
+        "command": f"dfkd-bench teacher import --format {fmt} {path} --arch {arch} --dataset {spec.name}",
+        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(side, sidecar)
+    return sidecar
