@@ -104,38 +104,41 @@ class _RichReporter:
 def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, output, name, resume_dir,
         init_bank, teacher_store, device) -> None:
     """Run one method under the shared protocol and write a run folder."""
-    from .config import parse_assignments, resolve_config
-    from .engine import Runner
+    from .config import parse_assignments
 
     overrides = parse_assignments(assignments)
-    if resume_dir is not None:
-        cfg_file = Path(resume_dir) / "config.json"
-        if not cfg_file.is_file():
-            raise DfkdError(f"nothing to resume: {cfg_file} does not exist")
-    fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, loss=loss, epochs=epochs,
-                  device=device, init_bank=str(init_bank) if init_bank else None)
-    if loss is not None:
-        overrides["loss"] = loss
-        fields.pop("loss")
-    cfg, method_cfg, loss_cfg = resolve_config(method, preset, overrides, **fields)
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-    else:
-        run_dir = Path(output) / (name or default_run_name(cfg))
-    with _progress() as progress:
-        reporter = _RichReporter(progress)
-        runner = Runner(cfg, method_cfg, loss_cfg, run_dir, teacher_store, reporter)
-        reporter.message(f"teacher {cfg.teacher} -> {runner.teacher_meta['arch']} "
-                         f"({runner.teacher_meta.get('test_accuracy', float('nan')):.2f}% on {cfg.dataset}), "
-                         f"student {cfg.student} -> {runner.student.dfkd_name}, device {runner.device}, "
-                         f"run folder {run_dir}")
-        summary = runner.run()
+    if resume_dir is not None and not (Path(resume_dir) / "config.json").is_file():
+        raise DfkdError(f"nothing to resume: {Path(resume_dir) / 'config.json'} does not exist")
+    fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, epochs=epochs, device=device,
+                  init_bank=str(init_bank) if init_bank else None)
+    summary, run_dir = _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store)
     if summary["status"] == "failed":
         err_console.print(f"[bold red]run failed:[/] {summary['reason']} (see {run_dir / 'summary.json'})")
         sys.exit(1)
     stop = f" (stopped by budget {summary['reason']})" if summary["status"] == "budget" else ""
     console.print(f"final (last-epoch) student accuracy {summary['final_acc']:.2f}%, teacher "
                   f"{summary['teacher_acc']:.2f}%, {summary['images']} images, {summary['total_seconds']:.0f}s{stop}")
+
+
+def _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store):
+    """Resolve the config, build the runner and run it with a progress bar. Returns (summary, run folder)."""
+    from .config import resolve_config
+    from .engine import Runner
+
+    overrides = dict(overrides)
+    if loss is not None:
+        overrides["loss"] = loss
+    cfg, method_cfg, loss_cfg = resolve_config(method, preset, overrides, **fields)
+    run_dir = Path(resume_dir) if resume_dir is not None else Path(output) / (name or default_run_name(cfg))
+    with _progress() as progress:
+        reporter = _RichReporter(progress)
+        runner = Runner(cfg, method_cfg, loss_cfg, run_dir, teacher_store, reporter)
+        reporter.message(f"{cfg.method}: teacher {cfg.teacher} -> {runner.teacher_meta['arch']} "
+                         f"({_fmt_acc(runner.teacher_meta.get('test_accuracy'))}% on {cfg.dataset}), "
+                         f"student {cfg.student} -> {runner.student.dfkd_name}, device {runner.device}, "
+                         f"run folder {run_dir}")
+        summary = runner.run()
+    return summary, run_dir
 
 
 def default_run_name(cfg) -> str:
@@ -158,13 +161,16 @@ def methods() -> None:
 
     from .registry import LOSSES, SYNTHESIZERS, presets_for
 
-    table = Table(title="methods")
-    for col in ("method", "summary", "loss", "presets", "defaults"):
-        table.add_column(col, overflow="fold")
-    for name, cls in SYNTHESIZERS.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
-        table.add_row(name, cls.summary, cls.default_loss, ", ".join(presets_for(name)), defaults)
-    console.print(table)
+    for title, baseline in (("methods", False), ("baselines (reference rows)", True)):
+        table = Table(title=title)
+        for col in ("name", "summary", "loss", "presets", "defaults"):
+            table.add_column(col, overflow="fold")
+        for name, cls in SYNTHESIZERS.items():
+            if cls.is_baseline != baseline:
+                continue
+            defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config)) or "-"
+            table.add_row(name, cls.summary, cls.default_loss, ", ".join(presets_for(name)), defaults)
+        console.print(table)
     losses = Table(title="distillation losses")
     losses.add_column("loss")
     losses.add_column("summary", overflow="fold")
@@ -180,17 +186,29 @@ def methods() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "latex"]), default="table",
               show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the table to this file.")
-def compare(root, fmt, output) -> None:
+@click.option("--at", "at", default=None, metavar="BUDGET=N",
+              help="Compare at equal budget: accuracy after the last epoch within N of images, teacher_passes, "
+                   "seconds, synth_seconds or epochs (e.g. --at images=5000).")
+def compare(root, fmt, output, at) -> None:
     """Compare every run folder below ROOT: last-epoch accuracy mean ± std over seeds."""
     import warnings
 
-    from .results import DISPLAY_COLUMNS, collect, failed_runs, summarize, to_format
+    from .results import BUDGET_COLUMNS, DISPLAY_COLUMNS, collect, failed_runs, summarize, to_format
 
     if not Path(root).exists():
         raise DfkdError(f"{root} does not exist")
+    budget = None
+    if at is not None:
+        key, _, value = at.partition("=")
+        if key not in BUDGET_COLUMNS:
+            raise DfkdError(f"--at takes one of {', '.join(BUDGET_COLUMNS)}, got '{key}'")
+        try:
+            budget = (key, float(value))
+        except ValueError:
+            raise DfkdError(f"--at {at}: '{value}' is not a number") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        df = collect(root)
+        df = collect(root, at=budget)
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     if df.empty:
@@ -198,7 +216,8 @@ def compare(root, fmt, output) -> None:
     table = summarize(df)
     failed = failed_runs(df)
     if fmt == "table":
-        out = Table(title=f"runs below {root} (score: last-epoch test accuracy, mean ± std over seeds)")
+        what = f"accuracy at {at}" if at else "last-epoch test accuracy"
+        out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds)")
         cols = [c for c in DISPLAY_COLUMNS if c in table.columns]
         for c in cols:
             out.add_column(c, overflow="fold")
@@ -219,6 +238,71 @@ def compare(root, fmt, output) -> None:
 
         atomic_write_bytes(Path(output), text.encode())
         console.print(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path), default=Path("results"))
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the report files.")
+def report(root, output) -> None:
+    """Write tables (md/csv/tex), accuracy curves, sample grids and an HTML page for the runs below ROOT."""
+    import warnings
+
+    from .report import write_report
+
+    if not Path(root).exists():
+        raise DfkdError(f"{root} does not exist")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = write_report(root, output)
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    n = sum(len(v) for v in written.values())
+    console.print(f"wrote {n} files and index.html to {output}")
+
+
+def _csv_list(value: str, cast=str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise DfkdError(f"cannot read '{value}' as a comma-separated list") from None
+
+
+@cli.command()
+@click.option("--methods", "method_list", required=True, help="Comma-separated methods/baselines.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--teacher", default="wrn16_2", show_default=True)
+@click.option("--student", default="wrn16_1", show_default=True)
+@click.option("--preset", default="quick", show_default=True)
+@click.option("--loss", default=None, help="Distillation loss for every method (default: each method's own).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("results/runs"), show_default=True)
+@click.option("--teacher-store", type=click.Path(path_type=Path), default=None)
+@click.option("--device", default=None)
+def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignments, output, teacher_store,
+          device) -> None:
+    """Run a grid of methods x seeds one after another; finished runs are skipped, interrupted ones resume."""
+    from .config import parse_assignments, resolve_config
+
+    names = _csv_list(method_list)
+    seed_list = _csv_list(seeds, int)
+    overrides = parse_assignments(assignments)
+    for name in names:  # every config must resolve before anything runs
+        resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, dataset=dataset,
+                       teacher=teacher, student=student, device=device)
+    failed = 0
+    for name in names:
+        for seed in seed_list:
+            fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, device=device)
+            summary, run_dir = _execute(name, preset, fields, overrides, loss, output, None, None, teacher_store)
+            if summary["status"] == "failed":
+                failed += 1
+                err_console.print(f"[bold red]failed:[/] {run_dir}: {summary['reason']}")
+            else:
+                console.print(f"{run_dir.name}: {summary['final_acc']:.2f}%")
+    if failed:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- teacher

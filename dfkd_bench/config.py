@@ -8,6 +8,7 @@ field is looked up in the method's config, then the loss's.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,7 +146,7 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
     loss_cls = LOSSES.get(loss_name)
     loss_hints = _type_hints(loss_cls.Config)
     staged += [(k, v, "--set") for k, v in overrides.items()]
-    for key, raw, _source in staged:
+    for key, raw, source in staged:
         if key.startswith("method."):
             sub = key[len("method."):]
             if sub not in method_hints:
@@ -153,6 +154,8 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
             _apply(method_values, method_hints, sub, raw, key)
         elif key.startswith("loss."):
             sub = key[len("loss."):]
+            if sub not in loss_hints and source == "preset":
+                continue  # a preset pins its default loss's settings; another --loss has its own
             if sub not in loss_hints:
                 raise DfkdError(unknown_name_message(f"setting of loss {loss_name}", sub, loss_hints))
             _apply(loss_values, loss_hints, sub, raw, key)
@@ -183,7 +186,12 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_images", "max_teacher_passes", "max_seconds", "pool_in_memory", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.temperature <= 0:
-        raise DfkdError("lr and temperature must be positive")
+    for name in ("lr", "temperature", "momentum", "weight_decay"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in ("lr", "temperature")):
+            raise DfkdError(f"{name} must be a finite {'positive' if name in ('lr', 'temperature') else 'non-negative'} "
+                            f"number, got {value}")
+    if not math.isfinite(cfg.max_seconds):
+        raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
     if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:
         raise DfkdError(f"warmup_epochs ({cfg.warmup_epochs}) must be below epochs ({cfg.epochs})")

@@ -83,6 +83,8 @@ def read_idx(path: Path) -> torch.Tensor:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DfkdError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DfkdError(f"{path} is truncated or corrupt: its header is cut short")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = raw[4 + 4 * ndim:]
     expected = 1

@@ -102,7 +102,7 @@ class Runner:
         self.spec: DatasetSpec = get_dataset(cfg.dataset)
         self.device = select_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
-        self._prepare_folder()
+        self._check_folder()
         seed_everything(cfg.seed)
         self.teacher, self.teacher_meta = load_teacher(self.spec, cfg.teacher, teacher_store,
                                                        Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None)
@@ -146,12 +146,14 @@ class Runner:
             self.pool.add(*spec.load(method_cls.real_data_split))
         if cfg.init_bank:
             self._load_init_bank(Path(cfg.init_bank))
+        self._write_config()  # only once every input has been checked: a typo leaves no folder behind
 
     # ------------------------------------------------------------ folder, resume, bank
 
-    def _prepare_folder(self) -> None:
+    def _check_folder(self) -> None:
+        """Refuse a folder that holds another run's config (before anything is written)."""
         cfg_path = self.run_dir / CONFIG
-        wanted = self.cfg.to_dict()
+        wanted = json.loads(json.dumps(self.cfg.to_dict(), default=str))  # tuples -> lists, as on disk
         if cfg_path.is_file():
             try:
                 existing = json.loads(cfg_path.read_text())
@@ -162,9 +164,11 @@ class Runner:
                               if k not in _IGNORED_FOR_RESUME and existing.get(k) != wanted.get(k))
                 raise DfkdError(f"{self.run_dir} holds a different run (differs in: {', '.join(diff)}); "
                                 "choose another --output or --name")
+
+    def _write_config(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cfg_path, wanted)
+            atomic_write_json(self.run_dir / CONFIG, self.cfg.to_dict())
         except OSError as exc:
             raise DfkdError(f"cannot write to {self.run_dir}: {exc.strerror or exc}") from None
 
@@ -180,6 +184,9 @@ class Runner:
             raise DfkdError(f"{path} is not a readable pool: {exc}") from None
         if tuple(self.pool.tensors()[0].shape[1:]) != self.spec.image_shape:
             raise DfkdError(f"the init bank in {bank_dir} holds images of another shape")
+        if (self.method.uses_labels or self.loss_fn.needs_labels) and not self.pool.has_labels:
+            raise DfkdError(f"the init bank in {bank_dir} has no labels, which '{self.cfg.method}' with loss "
+                            f"'{self.cfg.loss}' needs; build the bank with a method that keeps labels")
         self.reporter.message(f"init bank: {len(self.pool)} images from {bank_dir}")
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
@@ -201,6 +208,7 @@ class Runner:
         """Continue from ``checkpoint.pt`` if the folder has one. Returns whether it did."""
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
+            _truncate_metrics(self.run_dir / METRICS, 0)  # a fresh start: no records of an earlier attempt
             return False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -309,7 +317,9 @@ class Runner:
         warmup = epoch < cfg.warmup_epochs
         distill = not (warmup or cfg.synthesis_only)
         terms: dict[str, list[float]] = _DefaultList()
-        self.method.on_epoch_start(epoch, warmup)
+        self.method.ctx.student_lr = self.optimizer.param_groups[0]["lr"]
+        with sealed():
+            self.method.on_epoch_start(epoch, warmup)
         stop = None
         for round_ in range(cfg.rounds_per_epoch if self.trains_student else 0):
             self._synthesize(terms)
@@ -377,7 +387,7 @@ class Runner:
         }
         if status != "failed":
             atomic_torch_save(self.run_dir / STUDENT, self.student.state_dict())
-        if len(self.pool):
+        if len(self.pool) and not self.real_pool:  # a real-data baseline's pool is not synthetic
             save_sample_grid(self.pool.last(64), self.run_dir / SAMPLES)
         if self.cfg.synthesis_only:
             atomic_torch_save(self.run_dir / POOL, self.pool.state_dict())
@@ -414,6 +424,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _truncate_metrics(path: Path, epochs: int) -> None:
     """Drop records of epochs after the checkpoint (they will be run again)."""
+    if not Path(path).is_file():
+        return
     kept = [r for r in read_metrics(path) if r.get("epoch", 0) < epochs]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 

@@ -69,8 +69,9 @@ class GeneratorSynthesizer(Synthesizer):
         return []
 
     def extra_terms(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    t_logits: torch.Tensor, s_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted loss terms added to BN + CE + adv. ``images`` in [0, 1], ``x`` augmented and normalized."""
+                    t_logits: torch.Tensor, s_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Weighted loss terms added to BN + CE + adv. ``images`` in [0, 1], ``x`` augmented and normalized;
+        ``s_logits`` is None when the adversarial term is off (the student forward is skipped)."""
         return {}
 
     def after_backward(self, generator: nn.Module) -> None:
@@ -78,6 +79,14 @@ class GeneratorSynthesizer(Synthesizer):
 
     def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
         """Called once the round's best batch is chosen."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # the BN-statistics moving average belongs to no module, so checkpoints need it spelled out;
+        # subclasses extend this dict through super()
+        return {"bn_stats": self.bn_stats.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bn_stats.load_state_dict(state["bn_stats"])
 
     # ---------------------------------------------------------------- the loop
 
@@ -91,12 +100,16 @@ class GeneratorSynthesizer(Synthesizer):
         groups = [{"params": list(generator.parameters()), "lr": cfg.lr_g}, {"params": [z], "lr": cfg.lr_z}]
         opt = torch.optim.Adam(groups + self.extra_param_groups(), betas=(cfg.beta1, cfg.beta2))
         best, best_loss, curve, last = None, float("inf"), [], {}
+        adversarial = self.adversarial and cfg.adv > 0
         for _ in range(cfg.g_steps):
             images = generator(z)
             x = ctx.normalizer(self.augment(images))
-            t, s = self.teacher_student(x)
+            with ctx.autocast():
+                t = ctx.teacher(x).float()
+                # the student's logits only feed the adversarial term: skip its forward otherwise
+                s = ctx.student(x).float() if adversarial else None
             terms = {"bn": cfg.bn * self.bn_stats.loss(), "ce": cfg.oh * F.cross_entropy(t, y)}
-            if self.adversarial and cfg.adv > 0:
+            if adversarial:
                 terms["adv"] = cfg.adv * adversarial_loss(s, t)
             terms.update(self.extra_terms(images, x, y, t, s))
             loss = sum(terms.values())
@@ -112,4 +125,5 @@ class GeneratorSynthesizer(Synthesizer):
         self.bn_stats.update_ema()
         batch = SynthBatch(best, y, {**last, "total": curve[-1]}, curve, teacher_passes=n * cfg.g_steps)
         self.after_round(generator, batch)
+        self.bn_stats.clear()
         return batch

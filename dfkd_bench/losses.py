@@ -75,8 +75,15 @@ class BNStatistics:
         return {"ema": [h.ema for h in self.hooks]}
 
     def load_state_dict(self, state: dict) -> None:
+        # checkpoints load onto the CPU; the averages must live where the teacher runs
         for h, ema in zip(self.hooks, state["ema"]):
-            h.ema = ema
+            device = h.module.running_mean.device
+            h.ema = None if ema is None else tuple(t.to(device) for t in ema)
+
+    def clear(self) -> None:
+        """Drop the last forward's results, which hold its graph (and the generator it came from)."""
+        for h in self.hooks:
+            h.loss = h.sample_means = None
 
     def remove(self) -> None:
         for h in self.hooks:

@@ -44,6 +44,7 @@ class SynthContext:
     device: torch.device
     synth_batch_size: int
     amp: bool = False  # autocast is allowed (CUDA only)
+    student_lr: float = 0.0  # the student's current learning rate, updated by the runner every epoch
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda")

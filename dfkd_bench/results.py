@@ -53,9 +53,35 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     return row
 
 
-def collect(root: Path) -> pd.DataFrame:
-    rows = [r for r in (load_run(d) for d in find_runs(root)) if r is not None]
+def collect(root: Path, at: tuple[str, float] | None = None) -> pd.DataFrame:
+    """One row per run folder below ``root``. With ``at=(budget, limit)``, ``final_acc`` is the
+    accuracy of the last epoch that stayed within that budget (read from metrics.jsonl)."""
+    rows = []
+    for run_dir in find_runs(root):
+        row = load_run(run_dir)
+        if row is None:
+            continue
+        if at is not None:
+            row["final_acc"], row["at_epoch"] = accuracy_at(read_metrics(run_dir / METRICS), *at)
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+BUDGET_COLUMNS = {"images": "images", "teacher_passes": "teacher_passes", "seconds": "elapsed_seconds",
+                  "synth_seconds": "synth_seconds", "epochs": "epoch"}
+
+
+def accuracy_at(metrics: list[dict[str, Any]], budget: str, limit: float) -> tuple[float | None, int | None]:
+    """Test accuracy after the last epoch whose cumulative ``budget`` was at most ``limit``."""
+    column = BUDGET_COLUMNS[budget]
+    best: tuple[float | None, int | None] = (None, None)
+    for record in metrics:
+        used = record.get(column)
+        if column == "epoch" and used is not None:
+            used += 1  # epochs are 0-based in the records, budgets count them
+        if used is not None and used <= limit:
+            best = (record["test_acc"], record["epoch"])
+    return best
 
 
 def _fmt_mean_std(values: pd.Series) -> str:
@@ -99,14 +125,15 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df[~df["status"].isin(["complete", "budget"])][["run", "status", "reason"]]
 
 
-def to_format(table: pd.DataFrame, fmt: str) -> str:
-    table = table[[c for c in DISPLAY_COLUMNS if c in table.columns]]
+def to_format(table: pd.DataFrame, fmt: str, extra: list[str] | None = None) -> str:
+    """The table as csv, markdown or latex, with the display columns plus ``extra``."""
+    table = table[[c for c in DISPLAY_COLUMNS + (extra or []) if c in table.columns]]
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "markdown":
         return _markdown(table)
     if fmt == "latex":
-        return table.to_latex(index=False).replace("±", r"$\pm$")
+        return table.to_latex(index=False, escape=True).replace("±", r"$\pm$")
     raise ValueError(f"unknown format {fmt!r}")
 
 

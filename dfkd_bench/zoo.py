@@ -266,7 +266,8 @@ def resolve_model_name(name: str, image_size: int) -> str:
         resolved = name
     if not timm.is_model(resolved):
         choices = list(ZOO) + list(SMALL_IMAGE_ALIASES)
-        close = difflib.get_close_matches(resolved, choices + timm.list_models(), n=3, cutoff=0.6)
+        candidates = list(dict.fromkeys(choices + timm.list_models()))
+        close = difflib.get_close_matches(resolved, candidates, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownNameError(f"unknown model '{name}'{hint} (the zoo: {', '.join(ZOO)}; "
                                "or any name from timm.list_models())")

@@ -89,6 +89,7 @@ class MemoryBank(nn.Module):
 @SYNTHESIZERS.register
 class CMI(GeneratorSynthesizer):
     name = "cmi"
+    uses_labels = True  # its targets are known, so CSD's loss (CE on labels) can be paired with it
     summary = "generator inversion (BN + CE + adv) + InfoNCE between global/local views against a memory bank"
 
     @dataclass

@@ -1,0 +1,241 @@
+"""The command line: methods, run, compare and teacher commands; user errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY
+from dfkd_bench.cli import cli
+from dfkd_bench.registry import SYNTHESIZERS
+
+BIN = Path(sys.executable).parent / "dfkd-bench"
+
+TINY_CLI = ["--dataset", TINY, "--teacher", "wrn16_1", "--student", "wrn16_1",
+            "--set", "epochs=2", "--set", "ep_steps=2", "--set", "kd_steps=1", "--set", "batch_size=8",
+            "--set", "synth_batch_size=8", "--set", "method.g_steps=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """Exit code 2, one line on stderr starting with 'error:', no traceback; returns that line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # not an exception that escaped the command
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The cells of a rich table, per row, keyed by the first column (wrapped cells joined)."""
+    rows: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            current = None if not line.strip() else current
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if cells[0]:
+            current = cells[0]
+            rows[current] = cells
+        elif current is not None:
+            rows[current] = [f"{a} {b}".strip() for a, b in zip(rows[current], cells)]
+    return rows
+
+
+# ---------------------------------------------------------------- methods
+
+def test_methods_lists_every_method_with_its_summary():
+    result = invoke("methods")
+    assert result.exit_code == 0, result.output
+    methods_part, _, losses_part = result.stdout.partition("distillation losses")
+    rows = _table_rows(methods_part)
+    assert set(rows) == set(SYNTHESIZERS.names())
+    for name, cls in SYNTHESIZERS.items():
+        assert rows[name][1] == cls.summary
+    assert rows["deepinversion"][1] == SYNTHESIZERS.get("deepinversion").summary
+    assert rows["deepinversion"][2] == "kl"
+    assert "quick" in rows["deepinversion"][3] and "paper" in rows["deepinversion"][3]
+    assert "g_steps=2000" in rows["deepinversion"][4]  # the published default, not a preset's
+    assert "kl" in _table_rows(losses_part)
+
+
+# ---------------------------------------------------------------- user errors
+
+def test_unknown_method_suggests_the_close_name():
+    line = assert_user_error(invoke("run", "--method", "deepinversio"), "unknown method 'deepinversio'")
+    assert "did you mean 'deepinversion'?" in line
+
+
+def test_unknown_dataset(tmp_path):
+    assert_user_error(invoke("run", "--method", "deepinversion", "--dataset", "no_such_data",
+                             "--output", tmp_path), "unknown dataset 'no_such_data'")
+
+
+def test_unknown_preset(tmp_path):
+    assert_user_error(invoke("run", "--method", "deepinversion", "--preset", "nope", "--output", tmp_path),
+                      "unknown preset for deepinversion 'nope'")
+
+
+@pytest.mark.parametrize("option", ["--teacher", "--student"])
+def test_unknown_model(option, tiny_store, tmp_path):
+    args = ["run", "--method", "deepinversion", *TINY_CLI, "--teacher-store", tiny_store, "--output", tmp_path]
+    args[args.index(option) + 1] = "wrnn16_1"
+    line = assert_user_error(invoke(*args), "unknown model 'wrnn16_1'")
+    assert "did you mean" in line and "'wrn16_1'" in line
+
+
+@pytest.mark.parametrize("assignment,fragment", [
+    ("no_such_key=1", "unknown setting 'no_such_key'"),
+    ("method.no_such=1", "unknown setting of method deepinversion"),
+    ("epochs=abc", "--set epochs=abc: expected a value of type int"),
+    ("epochs=0", "epochs must be positive"),
+    ("epochs", "--set takes key=value"),
+])
+def test_bad_set_values(assignment, fragment, tmp_path):
+    assert_user_error(invoke("run", "--method", "deepinversion", "--set", assignment, "--output", tmp_path),
+                      fragment)
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_missing_teacher_says_how_to_train_it(tmp_path):
+    store = tmp_path / "empty_store"
+    store.mkdir()
+    line = assert_user_error(invoke("run", "--method", "deepinversion", "--dataset", TINY, "--teacher", "wrn16_2",
+                                    "--teacher-store", store, "--output", tmp_path / "out"))
+    assert "dfkd-bench teacher train --dataset tiny --arch wrn16_2" in line
+
+
+def test_compare_on_an_empty_or_missing_folder(tmp_path):
+    assert_user_error(invoke("compare", tmp_path), "no finished runs")
+    assert_user_error(invoke("compare", tmp_path / "absent"), "does not exist")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and timm: several seconds each
+@pytest.mark.parametrize("args,fragment", [
+    (["run", "--method", "deepinversio"], "did you mean 'deepinversion'?"),
+    (["run", "--method", "deepinversion", "--set", "epochs=abc"], "expected a value of type int"),
+])
+def test_installed_command_prints_one_line_without_traceback(args, fragment, tmp_path):
+    if not BIN.is_file():
+        pytest.skip(f"{BIN} is not installed")
+    proc = subprocess.run([str(BIN), *args, "--output", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+
+
+# ---------------------------------------------------------------- a full run, then compare
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_store, tmp_path_factory) -> tuple[Path, Path, dict]:
+    output = tmp_path_factory.mktemp("cli_runs")
+    result = CliRunner().invoke(cli, ["run", "--method", "deepinversion", *TINY_CLI,
+                                      "--teacher-store", str(tiny_store), "--output", str(output)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    run_dir = output / f"{TINY}-wrn16_1-wrn16_1-deepinversion-quick-s0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return output, run_dir, summary
+
+
+def test_run_writes_a_complete_run_folder(cli_run):
+    _, run_dir, summary = cli_run
+    assert summary["status"] == "complete" and summary["epochs_done"] == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method_cfg"]["g_steps"] == 2 and config["synth_batch_size"] == 8
+    assert (run_dir / "student.pt").is_file() and (run_dir / "samples.png").is_file()
+
+
+def test_compare_markdown_has_the_run_row(cli_run):
+    output, _, summary = cli_run
+    result = invoke("compare", output, "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("| dataset | teacher | student | method |")
+    row = f"| {TINY} | wrn16_1 | wrn16_1 | deepinversion | kl | quick | {summary['final_acc']:.2f} | 1 |"
+    assert sum(line.startswith(row) for line in lines) == 1
+    assert len(lines) == 3  # header, separator, one row
+
+
+def test_compare_csv_to_a_file(cli_run, tmp_path):
+    output, _, summary = cli_run
+    target = tmp_path / "table.csv"
+    result = invoke("compare", output, "--format", "csv", "--output", target)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(target.read_text().splitlines()))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["method"] == "deepinversion" and row["dataset"] == TINY
+    assert row["acc (last epoch)"] == f"{summary['final_acc']:.2f}"
+    assert row["teacher acc"] == f"{summary['teacher_acc']:.2f}"
+    assert int(row["images"]) == summary["images"]
+
+
+def test_compare_latex_has_the_run_row(cli_run):
+    output, _, summary = cli_run
+    result = invoke("compare", output, "--format", "latex")
+    assert result.exit_code == 0, result.output
+    assert r"\begin{tabular}" in result.stdout and r"\end{tabular}" in result.stdout
+    row = [line for line in result.stdout.splitlines() if "deepinversion" in line]
+    assert len(row) == 1
+    assert f"{summary['final_acc']:.2f}" in row[0] and row[0].rstrip().endswith(r"\\")
+
+
+def test_compare_latex_escapes_underscores(cli_run):
+    output, _, _ = cli_run
+    result = invoke("compare", output, "--format", "latex")
+    row = next(line for line in result.stdout.splitlines() if "deepinversion" in line)
+    assert "wrn16\\_1" in row
+
+
+def test_compare_table_lists_the_run(cli_run):
+    output, _, summary = cli_run
+    result = invoke("compare", output)
+    assert result.exit_code == 0, result.output
+    rows = _table_rows(result.stdout)
+    assert rows[TINY][3] == "deepinversion"
+    assert rows[TINY][6] == f"{summary['final_acc']:.2f}"
+
+
+# ---------------------------------------------------------------- teachers
+
+def test_teacher_list_shows_the_stored_teacher(tiny_store):
+    sidecar = json.loads((tiny_store / TINY / "wrn16_1.json").read_text())
+    result = invoke("teacher", "list", "--store", tiny_store)
+    assert result.exit_code == 0, result.output
+    rows = _table_rows(result.stdout)
+    assert rows[TINY][1] == "wrn16_1"
+    assert rows[TINY][2] == f"{sidecar['test_accuracy']:.2f}"
+    assert rows[TINY][4] == sidecar["sha256"][:12]
+
+
+def test_teacher_list_on_an_empty_store(tmp_path):
+    result = invoke("teacher", "list", "--store", tmp_path)
+    assert result.exit_code == 0
+    assert "no teachers" in result.stdout

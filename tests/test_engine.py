@@ -1,0 +1,399 @@
+"""The runner: run folder contents, compare, reproducibility, budgets, failures, resume, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from conftest import TINY, TINY_CLASSES, TINY_RUN, TINY_SHAPE, TINY_SPEC, tiny_runner
+from dfkd_bench import engine
+from dfkd_bench.config import parse_assignments, resolve_config
+from dfkd_bench.data import Normalizer, evaluate
+from dfkd_bench.errors import DfkdError, UnknownNameError
+from dfkd_bench.method import KLLoss, SynthBatch, Synthesizer
+from dfkd_bench.registry import PRESETS, SYNTHESIZERS, get_preset, register_preset
+from dfkd_bench.results import collect, failed_runs, summarize, to_format
+from dfkd_bench.runtime import sha256_file
+from dfkd_bench.teachers import load_state_dict
+
+DI = {"method.g_steps": 2}
+ROUNDS_PER_EPOCH = TINY_RUN["ep_steps"] // TINY_RUN["kd_steps"]
+IMAGES_PER_ROUND = TINY_RUN["synth_batch_size"]
+PASSES_PER_ROUND = TINY_RUN["synth_batch_size"] * DI["method.g_steps"]  # DeepInversion: images x steps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "student.pt", map_location="cpu", weights_only=True)
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def di_run(tiny_store, tmp_path_factory) -> tuple[Path, dict]:
+    """One finished tiny DeepInversion run, shared by the read-only tests below."""
+    run_dir = tmp_path_factory.mktemp("di") / "run"
+    summary = tiny_runner("deepinversion", run_dir, tiny_store, DI).run()
+    return run_dir, summary
+
+
+# ---------------------------------------------------------------- the run folder
+
+def test_run_folder_holds_every_file(di_run):
+    run_dir, summary = di_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "student.pt", "samples.png"} <= names
+    assert "checkpoint.pt" not in names  # removed once the run is finished
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+
+def test_config_json_is_the_resolved_config(di_run):
+    run_dir, _ = di_run
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == "deepinversion" and config["dataset"] == TINY and config["loss"] == "kl"
+    assert config["epochs"] == TINY_RUN["epochs"] and config["seed"] == 0
+    assert config["method_cfg"]["g_steps"] == DI["method.g_steps"]
+    assert config["method_cfg"]["bn"] == 10.0  # the method's own default, resolved and recorded
+
+
+def test_metrics_have_one_record_per_epoch_with_counters_and_named_terms(di_run):
+    run_dir, _ = di_run
+    records = _metrics(run_dir)
+    assert [r["epoch"] for r in records] == list(range(TINY_RUN["epochs"]))
+    for i, r in enumerate(records):
+        assert 0.0 <= r["test_acc"] <= 100.0
+        assert r["images"] == IMAGES_PER_ROUND * ROUNDS_PER_EPOCH * (i + 1)
+        assert r["teacher_passes"] == PASSES_PER_ROUND * ROUNDS_PER_EPOCH * (i + 1)
+        assert r["kd_steps"] == TINY_RUN["ep_steps"] * (i + 1)
+        assert r["synth_seconds"] > 0 and r["distill_seconds"] > 0
+        for term in ("synth/bn", "synth/ce", "synth/adv", "synth/tv", "synth/total", "kd/kd"):
+            assert math.isfinite(r[term]), term
+        assert r["synth/bn"] > 0 and r["kd/kd"] >= 0
+    assert records[1]["synth_seconds"] >= records[0]["synth_seconds"]  # cumulative
+    assert records[1]["lr"] < records[0]["lr"]  # cosine annealing over the epochs
+
+
+def test_summary_records_scores_budgets_and_provenance(di_run, tiny_store):
+    run_dir, summary = di_run
+    records = _metrics(run_dir)
+    sidecar = json.loads((tiny_store / TINY / "wrn16_1.json").read_text())
+    assert summary["status"] == "complete" and summary["reason"] is None
+    assert summary["final_acc"] == records[-1]["test_acc"]  # the score is the last epoch
+    assert summary["best_acc"] == max(r["test_acc"] for r in records)
+    assert summary["epochs_done"] == TINY_RUN["epochs"]
+    assert summary["teacher_acc"] == sidecar["test_accuracy"]
+    assert summary["teacher_sha256"] == sidecar["sha256"] == sha256_file(tiny_store / TINY / "wrn16_1.pt")
+    assert summary["images"] == IMAGES_PER_ROUND * ROUNDS_PER_EPOCH * TINY_RUN["epochs"]
+    assert summary["device"].startswith("cpu")
+    assert {"python", "torch", "timm", "dfkd_bench"} <= set(summary["versions"])
+    assert summary["versions"]["torch"] == torch.__version__
+    assert summary["seed"] == 0 and summary["method"] == "deepinversion"
+
+
+def test_student_checkpoint_is_a_plain_state_dict_of_the_scored_student(di_run):
+    run_dir, summary = di_run
+    state = _weights(run_dir)  # weights_only=True: no pickled code needed
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert _same_weights(state, load_state_dict(run_dir / "student.pt"))
+    student = timm.create_model("wrn16_1", num_classes=TINY_CLASSES, in_chans=TINY_SHAPE[0])
+    student.load_state_dict(state)  # strict
+    test_x, test_y = TINY_SPEC.load("test")
+    acc = evaluate(student, test_x, test_y, Normalizer(TINY_SPEC.mean, TINY_SPEC.std), torch.device("cpu"))
+    assert round(acc, 4) == summary["final_acc"]
+
+
+def test_samples_png_is_an_image_grid(di_run):
+    run_dir, _ = di_run
+    data = (run_dir / "samples.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(run_dir / "samples.png") as img:
+        img.verify()
+    with Image.open(run_dir / "samples.png") as img:
+        assert img.width > TINY_SHAPE[2] and img.height > TINY_SHAPE[1]
+
+
+def test_compare_reads_the_run(di_run):
+    run_dir, summary = di_run
+    df = collect(run_dir.parent)
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["method"] == "deepinversion" and row["status"] == "complete"
+    assert row["final_acc"] == summary["final_acc"] and row["seed"] == 0
+    table = summarize(df)
+    assert len(table) == 1
+    assert table.iloc[0]["acc (last epoch)"] == f"{summary['final_acc']:.2f}"
+    assert table.iloc[0]["n seeds"] == 1
+    assert table.iloc[0]["images"] == summary["images"]
+    assert "deepinversion" in to_format(table, "markdown")
+
+
+# ---------------------------------------------------------------- reproducibility and resume
+
+def test_seeded_cpu_runs_are_reproducible(di_run, tiny_store, tmp_path):
+    run_dir, _ = di_run
+    tiny_runner("deepinversion", tmp_path / "again", tiny_store, DI).run()
+    first, second = _metrics(run_dir), _metrics(tmp_path / "again")
+    assert [r["test_acc"] for r in first] == [r["test_acc"] for r in second]
+    assert [r["kd/kd"] for r in first] == [r["kd/kd"] for r in second]
+    assert [r["synth/total"] for r in first] == [r["synth/total"] for r in second]
+    assert _same_weights(_weights(run_dir), _weights(tmp_path / "again"))
+    # and the seed matters
+    tiny_runner("deepinversion", tmp_path / "other_seed", tiny_store, {**DI, "seed": 1}).run()
+    assert not _same_weights(_weights(run_dir), _weights(tmp_path / "other_seed"))
+
+
+def test_interrupted_run_resumes_to_the_same_result(di_run, tiny_store, tmp_path, monkeypatch):
+    run_dir, _ = di_run
+    original = engine.Runner._run_epoch
+
+    def interrupt_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(engine.Runner, "_run_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_runner("deepinversion", tmp_path / "run", tiny_store, DI).run()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert len(_metrics(tmp_path / "run")) == 1
+    monkeypatch.undo()
+    summary = tiny_runner("deepinversion", tmp_path / "run", tiny_store, DI).run()
+    assert summary["status"] == "complete" and summary["epochs_done"] == TINY_RUN["epochs"]
+    assert [r["test_acc"] for r in _metrics(tmp_path / "run")] == [r["test_acc"] for r in _metrics(run_dir)]
+    assert _same_weights(_weights(run_dir), _weights(tmp_path / "run"))
+
+
+def test_a_finished_folder_is_not_run_again(di_run, tiny_store):
+    run_dir, summary = di_run
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = tiny_runner("deepinversion", run_dir, tiny_store, DI).run()
+    assert again == summary
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_a_folder_holding_another_config_is_refused(di_run, tiny_store):
+    run_dir, _ = di_run
+    with pytest.raises(DfkdError, match=r"holds a different run \(differs in: seed\)"):
+        tiny_runner("deepinversion", run_dir, tiny_store, {**DI, "seed": 7})
+    with pytest.raises(DfkdError, match="method_cfg"):
+        tiny_runner("deepinversion", run_dir, tiny_store, {"method.g_steps": 3})
+
+
+# ---------------------------------------------------------------- budgets
+
+@pytest.mark.parametrize("budget,limit", [("max_images", 20), ("max_teacher_passes", 40), ("max_seconds", 1e-6)])
+def test_budget_stops_at_the_first_round_that_reaches_it(budget, limit, tiny_store, tmp_path):
+    epochs = 4
+    summary = tiny_runner("deepinversion", tmp_path / "run", tiny_store,
+                          {**DI, "epochs": epochs, budget: limit}).run()
+    per_round = {"max_images": IMAGES_PER_ROUND, "max_teacher_passes": PASSES_PER_ROUND}
+    rounds = math.ceil(limit / per_round[budget]) if budget in per_round else 1
+    assert rounds < epochs * ROUNDS_PER_EPOCH  # the budget, not the schedule, ends the run
+    assert summary["status"] == "budget"
+    assert summary["reason"].startswith(f"{budget}=")
+    assert summary["images"] == rounds * IMAGES_PER_ROUND
+    assert summary["teacher_passes"] == rounds * PASSES_PER_ROUND
+    assert summary["epochs_done"] == math.ceil(rounds / ROUNDS_PER_EPOCH)
+    records = _metrics(tmp_path / "run")
+    assert records[-1]["images"] == summary["images"]  # the stopped epoch is still evaluated
+    assert (tmp_path / "run" / "student.pt").is_file()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- failures
+
+def _poison_kl_after(monkeypatch, calls: int) -> None:
+    """KL turns NaN after ``calls`` student steps."""
+    counter = itertools.count(1)
+    original = KLLoss.forward
+
+    def forward(self, s, t, y):
+        out = original(self, s, t, y)
+        if next(counter) > calls:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(KLLoss, "forward", forward)
+
+
+def test_nan_loss_fails_the_run_and_compare_does_not_average_it(tiny_store, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    _poison_kl_after(monkeypatch, TINY_RUN["ep_steps"])  # the first epoch is fine, the second is not
+    failed = tiny_runner("deepinversion", root / "s0", tiny_store, DI).run()
+    assert failed["status"] == "failed"
+    assert "nan" in failed["reason"] and "kd" in failed["reason"]
+    assert failed["epochs_done"] == 1 and failed["final_acc"] is not None
+    assert not (root / "s0" / "student.pt").exists()
+    assert not (root / "s0" / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    good = tiny_runner("deepinversion", root / "s1", tiny_store, {**DI, "seed": 1}).run()
+    assert good["status"] == "complete"
+
+    df = collect(root)
+    assert sorted(df["status"]) == ["complete", "failed"]
+    table = summarize(df)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["n seeds"] == 1
+    assert row["acc_mean"] == good["final_acc"]
+    assert row["acc (last epoch)"] == f"{good['final_acc']:.2f}"
+    assert failed_runs(df)["reason"].tolist() == [failed["reason"]]
+
+
+@dataclass
+class _EmptyConfig:
+    pass
+
+
+class _NaNImages(Synthesizer):
+    name = "test_nan_images"
+    summary = "test-only: images full of NaN"
+    Config = _EmptyConfig
+
+    def synthesize(self):
+        n = self.ctx.synth_batch_size
+        return SynthBatch(torch.full((n, *self.ctx.image_shape), float("nan")), teacher_passes=n)
+
+
+@dataclass
+class _TupleConfig:
+    betas: tuple[float, float] = (0.5, 0.999)
+
+
+class _TupleConfigMethod(Synthesizer):
+    name = "test_tuple_config"
+    summary = "test-only: noise images, a tuple in its config"
+    Config = _TupleConfig
+
+    def synthesize(self):
+        n = self.ctx.synth_batch_size
+        return SynthBatch(torch.rand(n, *self.ctx.image_shape), teacher_passes=n)
+
+
+@pytest.fixture
+def register_toy():
+    names = []
+
+    def register(cls):
+        SYNTHESIZERS.register(cls)
+        register_preset(cls.name, "quick", {})
+        names.append(cls.name)
+        return cls.name
+
+    yield register
+    for name in names:
+        SYNTHESIZERS.unregister(name)
+        PRESETS.unregister(f"{name}:quick")
+
+
+def test_nan_images_fail_the_run(register_toy, tiny_store, tmp_path):
+    summary = tiny_runner(register_toy(_NaNImages), tmp_path / "run", tiny_store).run()
+    assert summary["status"] == "failed"
+    assert "non-finite images" in summary["reason"]
+    assert summary["images"] == 0  # nothing entered the pool
+
+
+def test_rerunning_a_failed_folder_starts_clean(tiny_store, tmp_path, monkeypatch):
+    _poison_kl_after(monkeypatch, TINY_RUN["ep_steps"])
+    assert tiny_runner("deepinversion", tmp_path / "run", tiny_store, DI).run()["status"] == "failed"
+    monkeypatch.undo()
+    summary = tiny_runner("deepinversion", tmp_path / "run", tiny_store, DI).run()
+    assert summary["status"] == "complete"
+    assert [r["epoch"] for r in _metrics(tmp_path / "run")] == list(range(TINY_RUN["epochs"]))
+    assert summary["epochs_done"] == TINY_RUN["epochs"]
+
+
+def test_same_config_with_a_tuple_setting_reopens_its_folder(register_toy, tiny_store, tmp_path):
+    name = register_toy(_TupleConfigMethod)
+    first = tiny_runner(name, tmp_path / "run", tiny_store).run()
+    assert first["status"] == "complete"
+    assert tiny_runner(name, tmp_path / "run", tiny_store).run() == first
+
+
+# ---------------------------------------------------------------- --set and the config
+
+def test_set_values_are_parsed_to_the_field_types():
+    cfg, method_cfg, _ = resolve_config("deepinversion", "quick", {
+        "epochs": "3", "g_steps": "4", "lr": "1e-2", "kd_augment": "false", "max_images": "1e3",
+        "method.adv_mode": "js"})
+    assert cfg.epochs == 3 and cfg.lr == 0.01 and cfg.kd_augment is False and cfg.max_images == 1000
+    assert method_cfg.g_steps == 4 and method_cfg.adv_mode == "js"  # a bare key falls through to the method
+    assert cfg.method_cfg == dataclasses.asdict(method_cfg)
+
+
+def test_preset_values_apply_and_set_overrides_them():
+    preset = get_preset("deepinversion", "quick")
+    cfg, method_cfg, _ = resolve_config("deepinversion", "quick")
+    assert cfg.epochs == preset["epochs"] and method_cfg.g_steps == preset["method.g_steps"]
+    cfg, method_cfg, _ = resolve_config("deepinversion", "quick", {"epochs": "1", "method.g_steps": "9"})
+    assert cfg.epochs == 1 and method_cfg.g_steps == 9
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"no_such_key": "1"}, "unknown setting 'no_such_key'"),
+    ({"epoch": "1"}, "did you mean 'epochs'"),
+    ({"method.no_such": "1"}, "unknown setting of method deepinversion 'no_such'"),
+    ({"loss.no_such": "1"}, "unknown setting of loss kl 'no_such'"),
+    ({"epochs": "abc"}, "--set epochs=abc: expected a value of type int"),
+    ({"epochs": "1.5"}, "expected a value of type int"),
+    ({"lr": "fast"}, "expected a value of type float"),
+    ({"kd_augment": "maybe"}, "expected a value of type bool"),
+    ({"method.g_steps": "many"}, "--set method.g_steps=many"),
+    ({"epochs": "0"}, "epochs must be positive"),
+    ({"batch_size": "-8"}, "batch_size must be positive"),
+    ({"max_images": "-1"}, "max_images must be zero"),
+    ({"warmup_epochs": "5", "epochs": "5"}, "warmup_epochs"),
+    ({"loss": "no_such_loss"}, "unknown distillation loss 'no_such_loss'"),
+])
+def test_bad_set_values_are_user_errors(overrides, message):
+    with pytest.raises(DfkdError) as info:
+        resolve_config("deepinversion", "quick", overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_method_and_preset_are_user_errors():
+    with pytest.raises(UnknownNameError, match="did you mean 'deepinversion'"):
+        resolve_config("deepinversio", "quick")
+    with pytest.raises(UnknownNameError, match="unknown preset for deepinversion 'nope'"):
+        resolve_config("deepinversion", "nope")
+
+
+@pytest.mark.parametrize("item", ["epochs", "=3", ""])
+def test_set_needs_key_equals_value(item):
+    with pytest.raises(DfkdError, match="--set takes key=value"):
+        parse_assignments([item])
+
+
+def test_parse_assignments_splits_at_the_first_equals_sign():
+    assert parse_assignments(["a=1", " b = x=y "]) == {"a": "1", "b": "x=y"}
+
+
+@pytest.mark.parametrize("key", ["lr", "temperature"])
+def test_nan_learning_rate_or_temperature_is_rejected(key):
+    with pytest.raises(DfkdError):
+        resolve_config("deepinversion", "quick", {key: "nan"})

@@ -1,0 +1,106 @@
+"""The small-image zoo: every model is a timm model with timm's feature API."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import timm
+import torch
+
+from dfkd_bench.errors import DfkdError, UnknownNameError
+from dfkd_bench.zoo import ZOO, check_model_input, create_model, feature_dims, resolve_model_name
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_zoo_lists_every_model_the_module_registers_into_timm():
+    # the parametrized tests below iterate over ZOO, so ZOO must not miss a registered model
+    assert sorted(timm.list_models(module="zoo")) == sorted(ZOO)
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("in_chans,size,num_classes", [(1, 28, 7), (3, 32, 10)], ids=["1x28", "3x32"])
+def test_zoo_model_builds_and_exposes_the_feature_api(name, in_chans, size, num_classes):
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans).eval()
+    x = torch.randn(2, in_chans, size, size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+        logits = model.forward_head(feats)
+        direct = model(x)
+    assert feats.ndim == 4 and feats.shape[:2] == (2, model.num_features)
+    assert pooled.shape == (2, model.num_features)
+    assert logits.shape == (2, num_classes)
+    torch.testing.assert_close(direct, logits)
+    assert torch.isfinite(logits).all()
+    assert feature_dims(model, in_chans, size) == (tuple(feats.shape[1:]), model.num_features)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_takes_a_new_classifier(name):
+    model = timm.create_model(name, num_classes=10, in_chans=1)
+    model.reset_classifier(3)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+    assert model.get_classifier().out_features == 3
+
+
+def test_resolve_model_name_maps_plain_names_by_image_size():
+    assert resolve_model_name("resnet34", 28) == "cifar_resnet34"
+    assert resolve_model_name("resnet34", 32) == "cifar_resnet34"
+    assert resolve_model_name("resnet34", 224) == "resnet34"
+    assert resolve_model_name("timm:resnet34", 28) == "resnet34"
+    assert resolve_model_name("timm:resnet34", 224) == "resnet34"
+    assert resolve_model_name("vgg11", 28) == "cifar_vgg11_bn"
+    assert resolve_model_name("wrn40_2", 28) == "wrn40_2"
+
+
+def test_create_model_records_the_resolved_name_and_checks_the_shape():
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+    assert model.dfkd_name == "cifar_resnet18"
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)  # small-image stem
+    assert model.training  # the shape check leaves the mode alone
+
+
+def test_unknown_model_name_suggests_a_close_match():
+    with pytest.raises(UnknownNameError) as info:
+        resolve_model_name("wrn16-1", 28)
+    message = str(info.value)
+    assert message.startswith("unknown model 'wrn16-1'")
+    assert "did you mean" in message and "'wrn16_1'" in message
+    with pytest.raises(UnknownNameError):
+        create_model("timm:no_such_model_at_all", 10, 1, 28)
+
+
+def test_unknown_model_suggestions_are_distinct():
+    with pytest.raises(UnknownNameError) as info:
+        resolve_model_name("wrnn16_1", 28)
+    suggested = re.search(r"did you mean (.*?)\?", str(info.value)).group(1).split(", ")
+    assert len(suggested) == len(set(suggested))
+
+
+def test_timm_model_with_a_fixed_input_size_is_rejected_in_one_line():
+    with pytest.raises(DfkdError) as info:
+        create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=28)
+    assert not isinstance(info.value, UnknownNameError)
+    message = str(info.value)
+    assert message.startswith("model 'vit_tiny_patch16_224' cannot take 1x28x28 images")
+    assert "\n" not in message
+
+
+def test_check_model_input_rejects_wrong_logit_shape_and_keeps_training_mode():
+    model = timm.create_model("wrn16_1", num_classes=10, in_chans=1).train()
+    check_model_input(model, "wrn16_1", 1, 28, 10)
+    with pytest.raises(DfkdError, match=r"logits of shape \(2, 10\), expected \(2, 7\)"):
+        check_model_input(model, "wrn16_1", 1, 28, 7)
+    with pytest.raises(DfkdError, match="cannot take 3x28x28"):
+        check_model_input(model, "wrn16_1", 3, 28, 10)
+    assert model.training
