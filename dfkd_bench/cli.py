@@ -91,6 +91,9 @@ class _RichReporter:
 @click.option("--epochs", default=None, type=int, help="Shortcut for --set epochs=N.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any config field (run field, method.X or loss.X); repeatable.")
+@click.option("--budget", "budgets", multiple=True, metavar="KIND=N",
+              help="Stop at the first budget reached: images=N, teacher_passes=N, seconds=S or epochs=N "
+                   "(repeatable; every count is recorded either way).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("results/runs"), show_default=True,
               help="Parent folder of the run folder.")
 @click.option("--name", default=None, help="Run folder name (default: derived from the config).")
@@ -101,12 +104,12 @@ class _RichReporter:
 @click.option("--teacher-store", type=click.Path(path_type=Path), default=None,
               help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
 @click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, output, name, resume_dir,
-        init_bank, teacher_store, device) -> None:
+def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, budgets, output, name,
+        resume_dir, init_bank, teacher_store, device) -> None:
     """Run one method under the shared protocol and write a run folder."""
     from .config import parse_assignments
 
-    overrides = parse_assignments(assignments)
+    overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     if resume_dir is not None and not (Path(resume_dir) / "config.json").is_file():
         raise DfkdError(f"nothing to resume: {Path(resume_dir) / 'config.json'} does not exist")
     fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, epochs=epochs, device=device,
@@ -118,6 +121,28 @@ def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignmen
     stop = f" (stopped by budget {summary['reason']})" if summary["status"] == "budget" else ""
     console.print(f"final (last-epoch) student accuracy {summary['final_acc']:.2f}%, teacher "
                   f"{summary['teacher_acc']:.2f}%, {summary['images']} images, {summary['total_seconds']:.0f}s{stop}")
+
+
+BUDGET_FIELDS = {"images": ("max_images", int), "teacher_passes": ("max_teacher_passes", int),
+                 "seconds": ("max_seconds", float), "epochs": ("epochs", int)}
+
+
+def parse_budgets(items: tuple[str, ...]) -> dict[str, str]:
+    """``--budget images=5000`` -> ``{"max_images": "5000"}``; a budget must be a positive number."""
+    out = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        if kind not in BUDGET_FIELDS:
+            raise DfkdError(f"--budget takes {', '.join(f'{k}=N' for k in BUDGET_FIELDS)}, got '{item}'")
+        field, cast = BUDGET_FIELDS[kind]
+        try:
+            number = cast(value)
+        except ValueError:
+            raise DfkdError(f"--budget {item}: '{value}' is not a {cast.__name__}") from None
+        if not number > 0 or number == float("inf"):
+            raise DfkdError(f"--budget {item}: a budget must be a positive, finite number")
+        out[field] = value
+    return out
 
 
 def _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store):
@@ -277,17 +302,18 @@ def _csv_list(value: str, cast=str) -> list:
 @click.option("--preset", default="quick", show_default=True)
 @click.option("--loss", default=None, help="Distillation loss for every method (default: each method's own).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE")
+@click.option("--budget", "budgets", multiple=True, metavar="KIND=N", help="As for `run`.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("results/runs"), show_default=True)
 @click.option("--teacher-store", type=click.Path(path_type=Path), default=None)
 @click.option("--device", default=None)
-def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignments, output, teacher_store,
-          device) -> None:
+def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignments, budgets, output,
+          teacher_store, device) -> None:
     """Run a grid of methods x seeds one after another; finished runs are skipped, interrupted ones resume."""
     from .config import parse_assignments, resolve_config
 
     names = _csv_list(method_list)
     seed_list = _csv_list(seeds, int)
-    overrides = parse_assignments(assignments)
+    overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     for name in names:  # every config must resolve before anything runs
         resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, dataset=dataset,
                        teacher=teacher, student=student, device=device)

@@ -19,13 +19,17 @@ GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset"]
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Every folder below ``root`` (or ``root`` itself) that has a summary."""
+    """Every run folder below ``root`` (or ``root`` itself): those with a config or a summary."""
     root = Path(root)
-    return sorted(p.parent for p in root.rglob(SUMMARY))
+    return sorted({p.parent for name in (CONFIG, SUMMARY) for p in root.rglob(name)})
 
 
 def load_run(run_dir: Path) -> dict[str, Any] | None:
     """One row for the table, or None (with a warning) if the folder is incomplete or corrupt."""
+    if not (run_dir / SUMMARY).is_file():
+        warnings.warn(f"skipping {run_dir}: incomplete (no summary.json; still running or interrupted, "
+                      "re-run its command to resume)", stacklevel=2)
+        return None
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())
         config = json.loads((run_dir / CONFIG).read_text())

@@ -40,6 +40,25 @@ TINY_RUN = {"epochs": 2, "ep_steps": 2, "kd_steps": 1, "batch_size": 8, "synth_b
             "eval_batch_size": 64, "dataset": TINY, "teacher": "wrn16_1", "student": "wrn16_1"}
 
 
+# The same settings as command-line arguments.
+TINY_CLI = ["--dataset", TINY, "--teacher", "wrn16_1", "--student", "wrn16_1",
+            "--set", "epochs=2", "--set", "ep_steps=2", "--set", "kd_steps=1", "--set", "batch_size=8",
+            "--set", "synth_batch_size=8", "--set", "method.g_steps=2"]
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """Exit code 2, one line on stderr starting with 'error:', no traceback; returns that line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # not an exception that escaped the command
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> Path:
     """A teacher store holding a briefly trained wrn16_1 for the tiny dataset."""

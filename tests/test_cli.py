@@ -13,15 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, TINY_CLI, assert_user_error
 from dfkd_bench.cli import cli
 from dfkd_bench.registry import SYNTHESIZERS
 
 BIN = Path(sys.executable).parent / "dfkd-bench"
 
-TINY_CLI = ["--dataset", TINY, "--teacher", "wrn16_1", "--student", "wrn16_1",
-            "--set", "epochs=2", "--set", "ep_steps=2", "--set", "kd_steps=1", "--set", "batch_size=8",
-            "--set", "synth_batch_size=8", "--set", "method.g_steps=2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,19 +32,6 @@ def _single_thread():
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    """Exit code 2, one line on stderr starting with 'error:', no traceback; returns that line."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)  # not an exception that escaped the command
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:

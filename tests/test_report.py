@@ -120,3 +120,24 @@ def test_sweep_skips_completed_runs(tiny_store, tmp_path):
     assert second.exit_code == 0, second.output
     assert second.output.count("already complete") == 4
     assert {p: p.stat().st_mtime_ns for p in summaries} == stamps
+
+
+def test_incomplete_and_corrupt_folders_are_named_and_skipped(results_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(results_root / "di-s0", root / "good")
+    shutil.copytree(results_root / "di-s1", root / "corrupt")
+    (root / "corrupt" / SUMMARY).write_text('{"status": "comp')  # a torn write from another tool
+    shutil.copytree(results_root / "fast-s0", root / "running")
+    (root / "running" / SUMMARY).unlink()
+    result = CliRunner().invoke(cli, ["compare", str(root), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert f"skipping {root / 'corrupt'}" in result.stderr
+    assert f"skipping {root / 'running'}: incomplete" in result.stderr
+    table = pd.read_csv(__import__("io").StringIO(result.stdout))
+    assert list(table["method"]) == ["deepinversion"] and table["n seeds"].iloc[0] == 1
+    with pytest.warns(UserWarning, match="skipping") as caught:
+        written = write_report(root, tmp_path / "report")
+    assert len(caught) == 2
+    assert (tmp_path / "report" / "table.csv").is_file() and len(written["plots"]) == 2
