@@ -64,7 +64,8 @@ class _RichReporter:
         self.task = self.progress.add_task(description, total=total_rounds, completed=done_rounds, info="")
 
     def round_done(self, epoch: int, round_: int, terms: dict[str, float]) -> None:
-        shown = " ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in terms.items() if k.startswith(("kd/", "synth/total")))
+        shown = " ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in terms.items()
+                         if k.startswith(("kd/", "synth/total")))
         self.progress.update(self.task, advance=1, info=f"ep {epoch + 1} r {round_ + 1} {shown} acc {self.acc}")
 
     def epoch_done(self, record: dict) -> None:

@@ -188,9 +188,10 @@ def validate(cfg: RunConfig) -> None:
             raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
     for name in ("lr", "temperature", "momentum", "weight_decay"):
         value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and name in ("lr", "temperature")):
-            raise DfkdError(f"{name} must be a finite {'positive' if name in ('lr', 'temperature') else 'non-negative'} "
-                            f"number, got {value}")
+        strictly = name in ("lr", "temperature")
+        if not math.isfinite(value) or value < 0 or (value == 0 and strictly):
+            kind = "positive" if strictly else "non-negative"
+            raise DfkdError(f"{name} must be a finite {kind} number, got {value}")
     if not math.isfinite(cfg.max_seconds):
         raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
     if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:

@@ -34,8 +34,19 @@ from .errors import DfkdError
 from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
 from .pool import SamplePool
 from .registry import LOSSES, SYNTHESIZERS
-from .runtime import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, device_name,
-                      git_commit, rng_state, seed_everything, select_device, set_rng_state, versions)
+from .runtime import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    device_name,
+    git_commit,
+    rng_state,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    versions,
+)
 from .teachers import load_state_dict, load_teacher
 from .zoo import create_model
 

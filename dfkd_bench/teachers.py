@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .augment import crop_flip
 from .data import DatasetSpec, Normalizer, evaluate, to_unit
 from .errors import DfkdError
-from .runtime import atomic_torch_save, atomic_write_json, select_device, seed_everything, sha256_file, versions
+from .runtime import atomic_torch_save, atomic_write_json, seed_everything, select_device, sha256_file, versions
 from .zoo import create_model, resolve_model_name
 
 

@@ -10,8 +10,13 @@ import torch
 from dfkd_bench.config import resolve_config
 from dfkd_bench.data import DatasetSpec
 from dfkd_bench.engine import Runner
-from dfkd_bench.registry import DATASETS, load_plugins
+from dfkd_bench.registry import DATASETS, PRESETS, SYNTHESIZERS, load_plugins, register_preset
 from dfkd_bench.teachers import TeacherTrainConfig, train_teacher
+
+# The tests' tensors are tiny: a second intra-op thread only spin-waits, and on a shared machine
+# that costs many times the CPU time. One thread also makes floats bitwise-comparable across the
+# processes of the kill-and-resume test.
+torch.set_num_threads(1)
 
 TINY = "tiny"
 TINY_SHAPE = (3, 16, 16)
@@ -73,3 +78,20 @@ def tiny_runner(method: str, run_dir: Path, store: Path, overrides: dict | None 
     values = {**TINY_RUN, **(overrides or {})}
     cfg, method_cfg, loss_cfg = resolve_config(method, preset, values)
     return Runner(cfg, method_cfg, loss_cfg, run_dir, store)
+
+
+@pytest.fixture
+def register_toy():
+    """Register test-only methods (with a 'quick' preset); unregistered afterwards."""
+    names = []
+
+    def register(cls):
+        SYNTHESIZERS.register(cls)
+        register_preset(cls.name, "quick", {})
+        names.append(cls.name)
+        return cls.name
+
+    yield register
+    for name in names:
+        SYNTHESIZERS.unregister(name)
+        PRESETS.unregister(f"{name}:quick")

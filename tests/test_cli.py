@@ -10,24 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-
 from conftest import TINY, TINY_CLI, assert_user_error
+
 from dfkd_bench.cli import cli
 from dfkd_bench.registry import SYNTHESIZERS
 
 BIN = Path(sys.executable).parent / "dfkd-bench"
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*args: str):

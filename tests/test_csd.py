@@ -20,16 +20,6 @@ from dfkd_bench.registry import LOSSES, SYNTHESIZERS
 from dfkd_bench.zoo import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On tiny tensors a second intra-op thread only spin-waits; on a shared 2-core machine that
-    cost ~15x the CPU time of these tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _synthesize(runner):
     """One round as the runner does it: the student frozen and in eval mode."""
     runner.student.eval().requires_grad_(False)

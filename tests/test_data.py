@@ -10,12 +10,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import TINY, TINY_CLASSES, TINY_SHAPE, tiny_runner
+
 from dfkd_bench.data import DEBIAN_FASHION_MNIST, DatasetSpec, get_dataset, read_idx, sealed
 from dfkd_bench.errors import DataAccessError, DfkdError
 from dfkd_bench.method import SynthBatch, SynthContext, Synthesizer
-from dfkd_bench.registry import PRESETS, SYNTHESIZERS, register_preset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,23 +199,6 @@ class _PeekOnEpochStart(_ToyMethod):
 
 class _Honest(_ToyMethod):
     name = "test_honest"
-
-
-@pytest.fixture
-def register_toy():
-    """Register test-only methods (with a 'quick' preset); unregistered afterwards."""
-    names = []
-
-    def register(cls):
-        SYNTHESIZERS.register(cls)
-        register_preset(cls.name, "quick", {})
-        names.append(cls.name)
-        return cls.name
-
-    yield register
-    for name in names:
-        SYNTHESIZERS.unregister(name)
-        PRESETS.unregister(f"{name}:quick")
 
 
 @pytest.mark.parametrize("cls", [_PeekInSynthesize, _PeekAfterStudentStep], ids=["synthesize", "after_step"])

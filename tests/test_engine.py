@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY, TINY_CLASSES, TINY_RUN, TINY_SHAPE, TINY_SPEC, tiny_runner
 from PIL import Image
 
-from conftest import TINY, TINY_CLASSES, TINY_RUN, TINY_SHAPE, TINY_SPEC, tiny_runner
 from dfkd_bench import engine
 from dfkd_bench.config import parse_assignments, resolve_config
 from dfkd_bench.data import Normalizer, evaluate
 from dfkd_bench.errors import DfkdError, UnknownNameError
 from dfkd_bench.method import KLLoss, SynthBatch, Synthesizer
-from dfkd_bench.registry import PRESETS, SYNTHESIZERS, get_preset, register_preset
+from dfkd_bench.registry import get_preset
 from dfkd_bench.results import collect, failed_runs, summarize, to_format
 from dfkd_bench.runtime import sha256_file
 from dfkd_bench.teachers import load_state_dict
@@ -292,22 +292,6 @@ class _TupleConfigMethod(Synthesizer):
     def synthesize(self):
         n = self.ctx.synth_batch_size
         return SynthBatch(torch.rand(n, *self.ctx.image_shape), teacher_passes=n)
-
-
-@pytest.fixture
-def register_toy():
-    names = []
-
-    def register(cls):
-        SYNTHESIZERS.register(cls)
-        register_preset(cls.name, "quick", {})
-        names.append(cls.name)
-        return cls.name
-
-    yield register
-    for name in names:
-        SYNTHESIZERS.unregister(name)
-        PRESETS.unregister(f"{name}:quick")
 
 
 def test_nan_images_fail_the_run(register_toy, tiny_store, tmp_path):

@@ -10,8 +10,8 @@ import weakref
 
 import pytest
 import torch
-
 from conftest import tiny_runner
+
 from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.generator import Generator

@@ -15,9 +15,16 @@ from dfkd_bench import registry
 from dfkd_bench.cli import cli
 from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError, UnknownNameError
-from dfkd_bench.registry import (LOSSES, PRESETS, SYNTHESIZERS, Registry, get_preset, load_plugins, presets_for,
-                                 register_preset)
-
+from dfkd_bench.registry import (
+    LOSSES,
+    PRESETS,
+    SYNTHESIZERS,
+    Registry,
+    get_preset,
+    load_plugins,
+    presets_for,
+    register_preset,
+)
 
 # ---------------------------------------------------------------- registration forms
 

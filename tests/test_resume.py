@@ -27,7 +27,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the parent (conftest): bitwise-equal floats need the same thread count
     from conftest import tiny_runner
     from dfkd_bench.engine import CHECKPOINT, Runner
 
@@ -57,15 +57,6 @@ def _overrides(method: str) -> dict:
     return values
 
 
-@pytest.fixture
-def one_thread():
-    """The child computes with one thread; so must the reference, for bitwise-equal floats."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _kill_mid_epoch(method: str, run_dir: Path, store: Path, overrides: dict) -> None:
     script = run_dir.parent / "child.py"
     script.write_text(CHILD.format(tests=str(TESTS)))
@@ -89,7 +80,7 @@ def _kill_mid_epoch(method: str, run_dir: Path, store: Path, overrides: dict) ->
 
 
 @pytest.mark.parametrize("method", _resumable_methods())
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(method, tiny_store, tmp_path, one_thread):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(method, tiny_store, tmp_path):
     overrides = _overrides(method)
     killed = tmp_path / "killed" / "run"
     killed.parent.mkdir()
