@@ -128,8 +128,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one line; a reader skips a last line cut short by a crash."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Add one line by rewriting the (small) file and renaming it over: never a torn line."""
+    path = Path(path)
+    before = path.read_bytes() if path.is_file() else b""
+    atomic_write_bytes(path, before + (json.dumps(record, default=str) + "\n").encode())
