@@ -16,15 +16,6 @@ from dfkd_bench.data import DEBIAN_FASHION_MNIST, DatasetSpec, get_dataset, read
 from dfkd_bench.errors import DataAccessError, DfkdError
 from dfkd_bench.method import SynthBatch, SynthContext, Synthesizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ---------------------------------------------------------------- Fashion-MNIST
 
 

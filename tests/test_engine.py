@@ -31,15 +31,6 @@ IMAGES_PER_ROUND = TINY_RUN["synth_batch_size"]
 PASSES_PER_ROUND = TINY_RUN["synth_batch_size"] * DI["method.g_steps"]  # DeepInversion: images x steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,15 +12,6 @@ from dfkd_bench.errors import DfkdError, UnknownNameError
 from dfkd_bench.zoo import ZOO, check_model_input, create_model, feature_dims, resolve_model_name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_zoo_lists_every_model_the_module_registers_into_timm():
     # the parametrized tests below iterate over ZOO, so ZOO must not miss a registered model
     assert sorted(timm.list_models(module="zoo")) == sorted(ZOO)
