@@ -20,7 +20,8 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +48,7 @@ from .runtime import (
     set_rng_state,
     versions,
 )
-from .teachers import load_state_dict, load_teacher
+from .teachers import load_teacher
 from .zoo import create_model
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
@@ -91,7 +92,6 @@ class Counters:
     kd_steps: int = 0
     best_acc: float = -1.0
     best_epoch: int = -1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class NonFiniteError(RuntimeError):
@@ -327,7 +327,7 @@ class Runner:
         cfg = self.cfg
         warmup = epoch < cfg.warmup_epochs
         distill = not (warmup or cfg.synthesis_only)
-        terms: dict[str, list[float]] = _DefaultList()
+        terms: dict[str, list[float]] = defaultdict(list)
         self.method.ctx.student_lr = self.optimizer.param_groups[0]["lr"]
         with sealed():
             self.method.on_epoch_start(epoch, warmup)
@@ -339,7 +339,8 @@ class Runner:
                 for _ in range(cfg.kd_steps):
                     self._distill_step(terms)
                 self.counters.distill_seconds += time.time() - t0
-            if not all(math.isfinite(p.detach().float().sum().item()) for p in self.student.parameters()):
+            # one sync for all weights, not one per parameter
+            if not torch.isfinite(torch.stack([p.detach().float().sum() for p in self.student.parameters()])).all():
                 raise NonFiniteError("student weights became non-finite")
             self.reporter.round_done(epoch, round_, {k: v[-1] for k, v in terms.items() if v})
             stop = self._budget_reached()
@@ -407,12 +408,6 @@ class Runner:
         return summary
 
 
-class _DefaultList(dict):
-    def __missing__(self, key: str) -> list[float]:
-        self[key] = []
-        return self[key]
-
-
 _IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
 
 
@@ -449,4 +444,4 @@ def save_sample_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["Runner", "Reporter", "SilentReporter", "read_metrics", "load_state_dict"]
+__all__ = ["Runner", "Reporter", "SilentReporter", "read_metrics"]
