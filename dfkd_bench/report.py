@@ -18,9 +18,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .engine import METRICS, SAMPLES, read_metrics  # noqa: E402
 from .registry import SYNTHESIZERS  # noqa: E402
 from .results import GROUP_KEYS, collect, summarize, to_format  # noqa: E402
+from .rundir import METRICS, SAMPLES, read_metrics  # noqa: E402
 from .runtime import atomic_write_bytes  # noqa: E402
 
 PLOT_SIZE = (6.4, 4.8)  # inches; at PLOT_DPI this is 640 x 480 pixels

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from .engine import CONFIG, METRICS, SUMMARY, read_metrics
+from .rundir import CONFIG, METRICS, SUMMARY, read_metrics
 
 GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset"]
 

@@ -11,9 +11,9 @@ from conftest import TINY_RUN, tiny_runner
 from PIL import Image
 
 from dfkd_bench.cli import cli
-from dfkd_bench.engine import METRICS, SUMMARY, read_metrics
 from dfkd_bench.report import PLOT_DPI, PLOT_SIZE, write_report
 from dfkd_bench.results import accuracy_at, collect, summarize
+from dfkd_bench.rundir import METRICS, SUMMARY, read_metrics
 
 BASELINES = ["teacher", "kd-real", "student-real", "kd-noise"]
 
