@@ -135,7 +135,7 @@ def test_compare_reads_the_run(di_run):
     assert row["final_acc"] == summary["final_acc"] and row["seed"] == 0
     table = summarize(df)
     assert len(table) == 1
-    assert table.iloc[0]["acc (last epoch)"] == f"{summary['final_acc']:.2f}"
+    assert table.iloc[0]["acc (last epoch)"] == f"{summary['final_acc']:.2f} ± n/a"
     assert table.iloc[0]["n seeds"] == 1
     assert table.iloc[0]["images"] == summary["images"]
     assert "deepinversion" in to_format(table, "markdown")
@@ -251,7 +251,7 @@ def test_nan_loss_fails_the_run_and_compare_does_not_average_it(tiny_store, tmp_
     row = table.iloc[0]
     assert row["n seeds"] == 1
     assert row["acc_mean"] == good["final_acc"]
-    assert row["acc (last epoch)"] == f"{good['final_acc']:.2f}"
+    assert row["acc (last epoch)"] == f"{good['final_acc']:.2f} ± n/a"
     assert failed_runs(df)["reason"].tolist() == [failed["reason"]]
 
 
