@@ -5,7 +5,7 @@
             batch = method.synthesize()              # sealed: no real data reachable
             pool.add(batch)
             for step in range(kd_steps):             # skipped in warm-up epochs
-                x = augment(pool.sample(batch_size))
+                x = augment(pool batch)              # shuffled passes over the pool, or a fresh batch
                 student step on loss(student(x), teacher(x))
         evaluate on the real test set; append metrics; checkpoint
 
@@ -31,7 +31,7 @@ from .config import RunConfig
 from .data import DatasetSpec, Normalizer, evaluate, get_dataset, sealed, to_unit
 from .errors import DfkdError
 from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
-from .pool import SamplePool
+from .pool import PassSampler, SamplePool, quantize
 from .registry import LOSSES, SYNTHESIZERS
 from .rundir import POOL, Counters, RunFolder, budget_reached, timestamp
 from .runtime import device_name, git_commit, rng_state, seed_everything, select_device, set_rng_state, versions
@@ -112,11 +112,15 @@ class Runner:
         params = list(self.student.parameters()) + list(self.loss_fn.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         kd_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs,
+                                                                    eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.augment = crop_flip(spec.image_size).to(self.device) if cfg.kd_augment else nn.Identity()
         self.pool = SamplePool(cfg.pool_in_memory, self.run_dir / "pool_spill" if cfg.pool_in_memory else None)
         self.sampler = torch.Generator().manual_seed(cfg.seed)
+        self.batches = PassSampler(self.sampler)
+        self.fresh = method_cls.batch_source == "fresh"
+        self.last_fresh: torch.Tensor | None = None  # a "fresh" method's last batch, for samples.png
         self.counters = Counters()
         self.start_epoch = 0
         self.trains_student = not method_cls.student_is_teacher
@@ -192,6 +196,7 @@ class Runner:
             raise NonFiniteError("the synthesizer produced non-finite images")
         if len(batch.images):
             self.pool.add(batch.images, batch.labels if self.method.uses_labels else None)
+        self.batches.restart()
         self.counters.images += len(batch.images)
         self.counters.teacher_passes += batch.teacher_passes
         self.counters.rounds += 1
@@ -202,9 +207,13 @@ class Runner:
         self.student.train().requires_grad_(True)
 
     def _distill_step(self, terms: dict[str, list[float]]) -> None:
-        """One student step on a pool batch: loss(student(x), teacher(x)), then the method's hook."""
-        images, labels = self.pool.sample(self.cfg.batch_size, self.sampler)
-        x = self.normalizer(self.augment(to_unit(images.to(self.device))))
+        """One student step on a batch: loss(student(x), teacher(x)), then the method's hook."""
+        if self.fresh:
+            images, labels = self._fresh_batch()  # floats in [0, 1], on the device
+        else:
+            images, labels = self.batches.next_batch(self.pool, self.cfg.batch_size)
+            images = to_unit(images.to(self.device))
+        x = self.normalizer(self.augment(images))
         y = labels.to(self.device) if labels is not None else None
         with torch.autocast(self.device.type, enabled=self.amp):
             with torch.no_grad():
@@ -227,6 +236,21 @@ class Runner:
         for k, v in extra.items():
             terms[f"kd/{k}"].append(v)
         self.counters.kd_steps += 1
+
+    def _fresh_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A "fresh" method's batch for one student step; its time and images count as synthesis."""
+        t0 = time.time()
+        with sealed(), torch.no_grad():
+            batch = self.method.sample(self.cfg.batch_size)
+        if not torch.isfinite(batch.images).all():
+            raise NonFiniteError("the synthesizer produced non-finite images")
+        self.counters.images += len(batch.images)
+        self.counters.teacher_passes += batch.teacher_passes
+        self.last_fresh = batch.images
+        seconds = time.time() - t0
+        self.counters.synth_seconds += seconds
+        self.counters.distill_seconds -= seconds  # the caller times the whole student step
+        return batch.images, batch.labels
 
     # ------------------------------------------------------------ per-epoch bookkeeping
 
@@ -346,11 +370,15 @@ class Runner:
             "versions": versions(), "git_commit": git_commit(),
             "finished": timestamp(),
         }
-        synthetic = len(self.pool) and not self.real_pool  # a real-data baseline's pool is not synthetic
+        samples = None
+        if self.last_fresh is not None:
+            samples = quantize(self.last_fresh[-64:])
+        elif len(self.pool) and not self.real_pool:  # a real-data baseline's pool is not synthetic
+            samples = self.pool.last(64)
         self.folder.write_outputs(
             summary,
             student=self.student.state_dict() if status != "failed" else None,
-            samples=self.pool.last(64) if synthetic else None,
+            samples=samples,
             pool=self.pool.state_dict() if self.cfg.synthesis_only else None,
         )
         return summary
