@@ -33,6 +33,8 @@ def detect_repo(checkout: Path) -> str:
     if not (checkout / "datafree" / "__init__.py").is_file():
         raise DfkdError(f"{checkout} is not a checkout of the authors' code (no datafree/__init__.py); "
                         "git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, zju-vipa/CMI)")
+    if (checkout / "datafree/synthesis/nayer.py").is_file():  # NAYER also ships fast.py, but is not covered
+        raise DfkdError(f"{checkout} is a NAYER checkout; the parity harness covers CSD, Fast-Datafree and CMI")
     for name, marker in _MARKERS:
         if (checkout / marker).is_file():
             return name

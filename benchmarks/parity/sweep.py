@@ -197,6 +197,8 @@ def run_one(spec: RunSpec, output: Path, threads: int, store: Path, echo: Callab
             return None
         record = {**_base_record(spec), **json.loads(partial.read_text())}
         shutil.rmtree(work, ignore_errors=True)
+        if not any(work.parent.iterdir()):
+            work.parent.rmdir()
     else:
         args = ours_command(spec.method, spec.protocol, spec.seed, str(method_dir / "runs"), spec.name,
                             str(store), spec.ours_set)

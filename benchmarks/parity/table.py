@@ -102,15 +102,16 @@ def method_table(method: str, results: list[dict[str, Any]], every: int = 5) -> 
     summaries = {s: side_summary(by_side[s], marks) for s in sides}
     base = _baseline(method, sides)
     lines = [f"### {method}", "", f"Protocol ({results[0]['protocol_sha']}): {_describe(method, proto)}.", ""]
+    notes = []
     for s in sides:
         ref = by_side[s][0].get("reference")
         if ref:
             version = ref["commit"] or f"sources sha256 {ref['sources_sha256'][:12]}"
-            lines.append(f"- `{s}`: {REPOS.get(ref['repo'], ref['repo'])} ({version})")
+            notes.append(f"- `{s}`: {REPOS.get(ref['repo'], ref['repo'])} ({version})")
         elif by_side[s][0].get("ours_set"):
             sets = " ".join(f"--set {k}={v}" for k, v in by_side[s][0]["ours_set"].items())
-            lines.append(f"- `{s}`: dfkd-bench with `{sets}`")
-    lines.append("")
+            notes.append(f"- `{s}`: dfkd-bench with `{sets}`")
+    lines += notes + ([""] if notes else [])
     head = (["side", "n", "seeds"] + [f"acc r{m}" for m in marks[:-1]] + [f"final (r{marks[-1]})", "Δ final",
             "synth s/round", "distill s/round", "s/round", "ratio", "CPU s/round", "CPU ratio"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
