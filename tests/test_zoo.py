@@ -9,7 +9,7 @@ import timm
 import torch
 
 from dfkd_bench.errors import DfkdError, UnknownNameError
-from dfkd_bench.zoo import ZOO, check_model_input, create_model, feature_dims, resolve_model_name
+from dfkd_bench.zoo import ZOO, check_model_input, create_model, feature_dims, resolve_model_name, stage_modules
 
 
 def test_zoo_lists_every_model_the_module_registers_into_timm():
@@ -95,3 +95,20 @@ def test_check_model_input_rejects_wrong_logit_shape_and_keeps_training_mode():
     with pytest.raises(DfkdError, match="cannot take 3x28x28"):
         check_model_input(model, "wrn16_1", 3, 28, 10)
     assert model.training
+
+
+@pytest.mark.parametrize("name,stages", [("wrn16_1", 3), ("cifar_resnet18", 4), ("cifar_vgg8_bn", 5),
+                                         ("resnet10t", 5)])  # timm counts its stem
+def test_stage_modules_give_maps_shallow_to_deep(name, stages):
+    model = timm.create_model(name, num_classes=10, in_chans=1).eval()
+    maps = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in stage_modules(model)]
+    with torch.no_grad():
+        model(torch.randn(2, 1, 32, 32))
+    for h in handles:
+        h.remove()
+    assert len(maps) == stages
+    sizes = [m.shape[-1] for m in maps]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # resolution falls with depth
+    if name == "wrn16_1":  # the last stage comes before the final BN-ReLU: it can be negative
+        assert maps[-1].min() < 0 and model.forward_features(torch.randn(2, 1, 32, 32)).min() >= 0
