@@ -39,8 +39,8 @@ def test_every_protocol_resolves_on_our_side_with_nothing_left_to_the_preset(met
                                                student=proto["student"])
     assert (cfg.epochs, cfg.ep_steps, cfg.kd_steps) == (proto["rounds"], proto["kd_steps"], proto["kd_steps"])
     assert cfg.rounds_per_epoch == 1  # a round is an epoch: accuracy after every round
-    assert (cfg.lr, cfg.weight_decay, cfg.temperature, cfg.warmup_epochs) == (
-        proto["lr"], proto["weight_decay"], proto["T"], proto["warmup"])
+    assert (cfg.lr, cfg.lr_min, cfg.weight_decay, cfg.temperature, cfg.warmup_epochs) == (
+        proto["lr"], proto["lr_min"], proto["weight_decay"], proto["T"], proto["warmup"])
     assert (cfg.batch_size, cfg.synth_batch_size, cfg.kd_augment) == (proto["batch_size"], proto["synth_batch_size"],
                                                                      True)
     assert method_cfg.g_steps == proto["g_steps"] and method_cfg.lr_g == proto["lr_g"]
@@ -382,7 +382,7 @@ def test_reference_runner_keeps_fast_warm_up_rounds_free_of_student_steps(tmp_pa
 
 def test_reference_runner_refuses_what_their_code_cannot_express(tmp_path, tiny_store):
     checkout = _stub_checkout(tmp_path / "CSD", "csd.py")
-    with pytest.raises(DfkdError, match="no warm-up"):
+    with pytest.raises(DfkdError, match="only Fast's synthesizers know a warm-up"):
         run_reference(_tiny_job("csd", checkout, tiny_store, tmp_path / "w", warmup=1))
     with pytest.raises(DfkdError, match="zju-vipa/Fast-Datafree"):
         run_reference(_tiny_job("fast", checkout, tiny_store, tmp_path / "w"))

@@ -18,16 +18,18 @@ from dfkd_bench.errors import DfkdError
 REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI": "zju-vipa/CMI"}
 
 # What every protocol shares. Student SGD as in all three datafree_kd.py (momentum 0.9 hard-coded,
-# --wd default 1e-4, which none of the scripts used here overrides); KL with --T 20 as their scripts;
-# a generator of nz 256, ngf 64 (datafree_kd.py builds Generator(nz=256, ngf=64, ...)).
+# --wd default 1e-4, which none of the scripts used here overrides), cosine over the rounds to
+# lr_min (CSD: 320 and CMI: 290 anneal to 0); KL with --T 20 as their scripts; a generator of
+# nz 256, ngf 64 (datafree_kd.py builds Generator(nz=256, ngf=64, ...)).
 _COMMON: dict[str, Any] = {
     "dataset": "fashion-mnist", "teacher": "wrn16_2", "student": "wrn16_1",
     "batch_size": 128, "synth_batch_size": 128,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "T": 20.0, "warmup": 0, "loss": "kl",
+    "lr": 0.1, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 1e-4, "T": 20.0, "warmup": 0, "loss": "kl",
 }
 _GENERATOR = {"nz": 256, "ngf": 64}
 
-_FAST = {**_COMMON, **_GENERATOR, "rounds": 20, "g_steps": 5, "kd_steps": 100,
+# Fast-Datafree datafree_kd.py:324 anneals to eta_min 2e-4
+_FAST = {**_COMMON, **_GENERATOR, "rounds": 20, "g_steps": 5, "kd_steps": 100, "lr_min": 2e-4,
          # Fast-Datafree scripts/fast_cifar.sh, WRN lines (Fast-5): lr_g 3e-3, lr_z 0.01, bn 10, oh 0.4, adv 1.1
          "lr_g": 3e-3, "lr_z": 0.01, "bn": 10.0, "oh": 0.4, "adv": 1.1, "bn_mmt": 0.9}
 
@@ -60,7 +62,7 @@ _OUR_KEYS: dict[str, str | tuple[str, ...]] = {
     "rounds": "epochs",
     "kd_steps": ("ep_steps", "kd_steps"),  # one round per epoch
     "batch_size": "batch_size", "synth_batch_size": "synth_batch_size",
-    "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+    "lr": "lr", "lr_min": "lr_min", "momentum": "momentum", "weight_decay": "weight_decay",
     "T": "temperature", "warmup": "warmup_epochs",
     "g_steps": "method.g_steps", "lr_g": "method.lr_g", "lr_z": "method.lr_z",
     "nz": "method.nz", "ngf": "method.ngf",

@@ -61,8 +61,9 @@ def check_supported(method: str, repo: str, proto: dict[str, Any]) -> None:
     if repo not in REFERENCES[method]:
         wanted = " or ".join(REPOS[r] for r in REFERENCES[method])
         raise DfkdError(f"method '{method}' runs from a checkout of {wanted}, not {REPOS[repo]}")
-    if proto["warmup"] and repo != "Fast-Datafree":
-        raise DfkdError(f"{REPOS[repo]}'s datafree_kd.py has no warm-up; set warmup 0")
+    if proto["warmup"] and method not in ("fast", "fast_meta"):
+        raise DfkdError(f"only Fast's synthesizers know a warm-up (their adversarial term waits for it); "
+                        f"set warmup 0 for '{method}'")
     if proto["momentum"] != 0.9:
         raise DfkdError("their student SGD hard-codes momentum 0.9 (datafree_kd.py: SGD(..., momentum=0.9))")
     if proto["loss"] != ("csd" if method == "csd" else "kl"):
@@ -116,13 +117,12 @@ def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str
     raise DfkdError(f"the reference runner does not know method '{method}'")
 
 
-def make_scheduler(repo: str, optimizer: torch.optim.Optimizer, p: dict[str, Any]):
-    """Their cosine schedule. CSD: 320 and CMI: 290 anneal over --epochs to 0. Fast: 324 hard-codes
-    T_max=200 with eta_min=2e-4, which is --epochs minus --warmup in all its scripts (220 - 20), so
-    here T_max is rounds minus warm-up."""
-    if repo == "Fast-Datafree":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, p["rounds"] - p["warmup"]), eta_min=2e-4)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p["rounds"])
+def make_scheduler(optimizer: torch.optim.Optimizer, p: dict[str, Any]):
+    """Their cosine schedule, from the protocol. CSD: 320 and CMI: 290 anneal over --epochs to 0.
+    Fast: 324 hard-codes T_max=200 and eta_min=2e-4; 200 is --epochs minus --warmup in all its
+    scripts (220 - 20), so T_max is rounds minus warm-up (the protocol's lr_min holds the 2e-4)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, p["rounds"] - p["warmup"]),
+                                                      eta_min=p["lr_min"])
 
 
 def train(synthesizer, student, teacher, criterion, optimizer, kd_steps: int, alignhead=None, fea: float = 0.0):
@@ -189,7 +189,7 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
         else:
             params = student.parameters()
         optimizer = torch.optim.SGD(params, p["lr"], weight_decay=p["weight_decay"], momentum=0.9)
-        scheduler = make_scheduler(repo, optimizer, p)
+        scheduler = make_scheduler(optimizer, p)
         test_x, test_y = spec.load("test")
         eval_norm = Normalizer(spec.mean, spec.std)
         rounds = []

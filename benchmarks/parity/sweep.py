@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dfkd_bench.config import resolve_config
-from dfkd_bench.engine import read_metrics
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.registry import load_plugins
+from dfkd_bench.rundir import read_metrics
 from dfkd_bench.runtime import atomic_write_json
 
 from . import shims
