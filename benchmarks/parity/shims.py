@@ -150,9 +150,9 @@ def installed(checkout: Path) -> Iterator[list[str]]:
             sys.modules["torchvision.models.utils"] = stub
             added_modules.append("torchvision.models.utils")
             patches.applied.append("torchvision.models.utils")
-        if not torch.cuda.is_available():  # unconditional .cuda() calls (Fast-Datafree generator clone, meta-grads)
-            patches.set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
-            patches.set(nn.Module, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
+        # unconditional .cuda() calls (Fast-Datafree's generator clone, meta-gradients): the protocol runs on CPU
+        patches.set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
+        patches.set(nn.Module, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
         patches.set(torch.utils.data, "DataLoader", _SerialDataLoader, "dataloader-workers-0")
         sys.path.insert(0, str(checkout))
         importlib.import_module("datafree")
