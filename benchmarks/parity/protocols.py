@@ -3,7 +3,8 @@
 Keys use the authors' flag names (``datafree_kd.py``), so the reference runner reads them as
 they are; :func:`ours_overrides` maps them onto dfkd-bench's ``--set`` keys. One synthesis
 round per epoch (their ``ep_steps == kd_steps``), so "round" and "epoch" coincide and the
-student is evaluated after every round.
+student is evaluated after every round. Every protocol has 15 rounds: about 15 minutes per run
+on either side with one thread on this project's 2-core machine (README.md, "Cost").
 """
 
 from __future__ import annotations
@@ -23,28 +24,29 @@ REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI"
 # nz 256, ngf 64 (datafree_kd.py builds Generator(nz=256, ngf=64, ...)).
 _COMMON: dict[str, Any] = {
     "dataset": "fashion-mnist", "teacher": "wrn16_2", "student": "wrn16_1",
-    "batch_size": 128, "synth_batch_size": 128,
+    "rounds": 15, "batch_size": 128, "synth_batch_size": 128,
     "lr": 0.1, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 1e-4, "T": 20.0, "warmup": 0, "loss": "kl",
 }
 _GENERATOR = {"nz": 256, "ngf": 64}
 
 # Fast-Datafree datafree_kd.py:324 anneals to eta_min 2e-4
-_FAST = {**_COMMON, **_GENERATOR, "rounds": 20, "g_steps": 5, "kd_steps": 100, "lr_min": 2e-4,
+_FAST = {**_COMMON, **_GENERATOR, "g_steps": 5, "kd_steps": 100, "lr_min": 2e-4,
          # Fast-Datafree scripts/fast_cifar.sh, WRN lines (Fast-5): lr_g 3e-3, lr_z 0.01, bn 10, oh 0.4, adv 1.1
          "lr_g": 3e-3, "lr_z": 0.01, "bn": 10.0, "oh": 0.4, "adv": 1.1, "bn_mmt": 0.9}
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    # CSD scripts/csd/csd_cifar10_wrn402_wrn161.sh, without the init bank (issue 8's protocol)
-    "csd": {**_COMMON, **_GENERATOR, "rounds": 30, "g_steps": 20, "kd_steps": 50, "loss": "csd",
+    # CSD scripts/csd/csd_cifar10_wrn402_wrn161.sh without the init bank; issue 8's round of 20
+    # synthesis and 50 student steps, over 15 rounds instead of 30
+    "csd": {**_COMMON, **_GENERATOR, "g_steps": 20, "kd_steps": 50, "loss": "csd",
             "lr_g": 1e-3, "lr_z": 1e-3, "bn": 1.0, "oh": 1.0, "adv": 0.0, "csd": 10.0, "fea": 30.0, "ce": 1.0},
     "fast": {**_FAST},
     "fast_meta": {**_FAST, "is_maml": 1},
     # CMI scripts/cmi/cmi_cifar10.sh (WRN-40-2 -> WRN-16-1), no init bank; bank sizes from CMI datafree_kd.py:276
-    "cmi": {**_COMMON, **_GENERATOR, "rounds": 30, "g_steps": 30, "kd_steps": 50,
+    "cmi": {**_COMMON, **_GENERATOR, "g_steps": 20, "kd_steps": 50,
             "lr_g": 1e-3, "lr_z": 1e-3, "bn": 1.0, "oh": 1.0, "adv": 0.5, "cr": 0.8, "cr_T": 0.2,
             "bank_size": 40960, "n_neg": 4096, "head_dim": 256},
     # CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh; tv 0.001 and l2 0 from CMI datafree_kd.py:252
-    "deepinversion": {**_COMMON, "rounds": 20, "g_steps": 50, "kd_steps": 100,
+    "deepinversion": {**_COMMON, "g_steps": 50, "kd_steps": 50,
                       "lr_g": 0.1, "bn": 10.0, "oh": 1.0, "adv": 1.0, "tv": 1e-3, "l2": 0.0},
 }
 
