@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import PIL
 import torch
 import torch.nn.functional as F
 
@@ -218,15 +219,9 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
     return {
         "status": "complete", "reference": identity, "shims": applied, "rounds": rounds,
         "teacher": {k: teacher_meta.get(k) for k in ("arch", "path", "sha256", "test_accuracy")},
-        "threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 2),
-        "versions": {**versions(), "pillow": _pillow_version()},
+        "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 2),
+        "versions": {**versions(), "pillow": PIL.__version__},
     }
-
-
-def _pillow_version() -> str:
-    import PIL
-
-    return PIL.__version__
 
 
 def main(argv: list[str]) -> int:

@@ -83,7 +83,8 @@ def _describe(method: str, proto: dict[str, Any]) -> str:
     steps = f"{proto['g_steps']} synthesis steps on {proto['synth_batch_size']} images"
     weights = ", ".join(f"{k} {proto[k]:g}" for k in ("bn", "oh", "adv", "csd", "cr", "cr_T", "tv", "bn_mmt", "fea")
                         if k in proto)
-    return (f"{proto['dataset']}, {proto['teacher']} -> {proto['student']}; {proto['rounds']} rounds of "
+    return (f"{proto['dataset']}, {proto['teacher']} -> {proto['student']}; {proto['rounds']} round"
+            f"{'s' if proto['rounds'] != 1 else ''} of "
             f"{steps} then {proto['kd_steps']} student steps of {proto['batch_size']}; SGD lr {proto['lr']:g} "
             f"(cosine over the rounds), wd {proto['weight_decay']:g}, T {proto['T']:g}, warm-up {proto['warmup']}; "
             f"{weights}; lr_g {proto['lr_g']:g}")
