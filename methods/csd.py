@@ -115,6 +115,11 @@ class CSD(GeneratorSynthesizer):
         finally:
             self.aux_head.requires_grad_(True)
 
+    def on_epoch_start(self, epoch: int, warmup: bool) -> None:
+        super().on_epoch_start(epoch, warmup)
+        if self.cfg.csd > 0:  # the authors' loss has the csd term *instead of* the adversarial one (csd.py:139-147)
+            self.adversarial = False
+
     def extra_terms(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     t_logits: torch.Tensor, s_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.csd <= 0:

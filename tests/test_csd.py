@@ -251,3 +251,11 @@ def test_cmi_synthesis_with_csd_loss_runs(tmp_path, tiny_store):
     assert runner.pool.has_labels
     terms = read_metrics(tmp_path / "run" / METRICS)[-1]
     assert {"kd/kd", "kd/ce", "kd/fea"} <= set(terms)
+
+
+def test_the_csd_term_replaces_the_adversarial_term(tmp_path, tiny_store):
+    for csd, has_adv in ((10.0, False), (0.0, True)):
+        runner = tiny_runner("csd", tmp_path / str(csd), tiny_store,
+                             {"method.g_steps": 2, "method.adv": 0.5, "method.csd": csd})
+        runner.method.on_epoch_start(0, warmup=False)
+        assert ("adv" in _synthesize(runner).losses) is has_adv
