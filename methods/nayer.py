@@ -306,7 +306,11 @@ class NAYER(Synthesizer):
         n = ctx.synth_batch_size
         images, labels, curve, last = [], [], [], {}
         self.generator.train()
-        for _ in range(loops):
+        for loop in range(loops):
+            if loop == 1 and adversarial:
+                # as datafree/synthesis/nayer.py:225 has it: the student is put back in train mode after the
+                # first loop, so later loops' adversarial passes use (and update) its BatchNorm batch statistics
+                ctx.student.train()
             self.generator.reset_noisy_layer()
             targets = balanced_targets(n, ctx.num_classes, ctx.device)
             # a new optimizer per loop: the noisy layer it starts from is new, so are Adam's moments

@@ -94,8 +94,12 @@ def test_resets_follow_the_authors_schedule_across_warm_up(tiny_store, tmp_path)
 
 def test_a_round_runs_its_loops_and_each_lowers_the_loss(tiny_store, tmp_path):
     method = _method(tmp_path, tiny_store, g_steps=20, g_loops=2, gwp_loops=3)
+    student = method.ctx.student.eval()
+    before = _snapshot(student)
     method.on_epoch_start(1, warmup=False)
     batch = method.synthesize()
+    # the authors' second loop runs the student in train mode: its BatchNorm running statistics move
+    assert not _same(before, _snapshot(student)) and student.training
     n = method.ctx.synth_batch_size
     assert batch.images.shape == (2 * n, *method.ctx.image_shape) and batch.teacher_passes == 2 * n * 20
     for loop in (batch.loss_curve[:20], batch.loss_curve[20:]):
@@ -105,8 +109,11 @@ def test_a_round_runs_its_loops_and_each_lowers_the_loss(tiny_store, tmp_path):
     assert all(sorted(row.tolist()) == list(range(TINY_CLASSES)) for row in first)
     method.on_epoch_start(0, warmup=True)
     method.cfg.g_steps = 1
+    student.eval()
+    before = _snapshot(student)
     warmup = method.synthesize()
     assert len(warmup.images) == 3 * n and "adv" not in warmup.losses  # gwp_loops, no adversarial term
+    assert _same(before, _snapshot(student)) and not student.training
 
 
 def _authors_pickle(path, value) -> None:
