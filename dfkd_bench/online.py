@@ -69,7 +69,16 @@ class OnlineSynthesizer(Synthesizer):
     # ---------------------------------------------------------------- what a method supplies
 
     def build_generator(self) -> nn.Module:
-        """The method's generator; it has ``nz`` and ``normalized_output`` attributes."""
+        """The generator ``cfg.generator`` names: the authors' (``authors_generator``) or the datafree
+        package's. It has a ``normalized_output`` attribute."""
+        c, h, _ = self.ctx.image_shape
+        check_generator(self.cfg.generator)
+        if self.cfg.generator == "package":
+            return package_generator(self.cfg.nz, h, c)
+        return self.authors_generator(h, c)
+
+    def authors_generator(self, image_size: int, channels: int) -> nn.Module:
+        """The generator of the method's own code."""
         raise NotImplementedError
 
     def generator_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

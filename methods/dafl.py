@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from dfkd_bench.generator import ReferenceGenerator
 from dfkd_bench.losses import mean_prediction_neg_entropy
 from dfkd_bench.method import SynthBatch
-from dfkd_bench.online import OnlineConfig, OnlineSynthesizer, check_generator, package_generator
+from dfkd_bench.online import OnlineConfig, OnlineSynthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
 
@@ -66,15 +66,11 @@ class DAFL(OnlineSynthesizer):
     Config = DAFLConfig
 
     def __init__(self, ctx, cfg: DAFLConfig):
-        check_generator(cfg.generator)
         super().__init__(ctx, cfg)
         self.pending: torch.Tensor | None = None  # the generator step's batch, for the round's first student step
 
-    def build_generator(self) -> nn.Module:
-        c, h, _ = self.ctx.image_shape
-        if self.cfg.generator == "package":
-            return package_generator(self.cfg.nz, h, c)
-        return ReferenceGenerator(self.cfg.nz, (128, 128, 64), h, c, "tanh_bn", bn_eps=0.8)
+    def authors_generator(self, image_size: int, channels: int) -> nn.Module:
+        return ReferenceGenerator(self.cfg.nz, (128, 128, 64), image_size, channels, "tanh_bn", bn_eps=0.8)
 
     def generator_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, teacher = self.cfg, self.ctx.teacher

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from dfkd_bench.generator import ReferenceGenerator
 from dfkd_bench.method import DistillLoss, Outputs
-from dfkd_bench.online import OnlineConfig, OnlineSynthesizer, check_generator, package_generator
+from dfkd_bench.online import OnlineConfig, OnlineSynthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS, register_preset
 
@@ -59,15 +59,8 @@ class DFAD(OnlineSynthesizer):
     default_loss = "l1"
     Config = DFADConfig
 
-    def __init__(self, ctx, cfg: DFADConfig):
-        check_generator(cfg.generator)
-        super().__init__(ctx, cfg)
-
-    def build_generator(self) -> nn.Module:
-        c, h, _ = self.ctx.image_shape
-        if self.cfg.generator == "package":
-            return package_generator(self.cfg.nz, h, c)
-        return ReferenceGenerator(self.cfg.nz, (128, 128, 64), h, c, "tanh_bn")
+    def authors_generator(self, image_size: int, channels: int) -> nn.Module:
+        return ReferenceGenerator(self.cfg.nz, (128, 128, 64), image_size, channels, "tanh_bn")
 
     def generator_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         t, s = self.teacher_student(x)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.generator import ReferenceGenerator
 from dfkd_bench.method import DistillLoss, LossContext, Outputs, SynthBatch
-from dfkd_bench.online import OnlineConfig, OnlineSynthesizer, check_generator, package_generator
+from dfkd_bench.online import OnlineConfig, OnlineSynthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS, register_preset
 from dfkd_bench.zoo import stage_modules
@@ -87,17 +87,13 @@ class ZSKT(OnlineSynthesizer):
     Config = ZSKTConfig
 
     def __init__(self, ctx, cfg: ZSKTConfig):
-        check_generator(cfg.generator)
         super().__init__(ctx, cfg)
         # within a round only (checkpoints fall between rounds): its latents and G(z) after its generator steps
         self.z: torch.Tensor | None = None
         self.batch: torch.Tensor | None = None
 
-    def build_generator(self) -> nn.Module:
-        c, h, _ = self.ctx.image_shape
-        if self.cfg.generator == "package":
-            return package_generator(self.cfg.nz, h, c)
-        return ReferenceGenerator(self.cfg.nz, (128, 128, 64), h, c, "bn")
+    def authors_generator(self, image_size: int, channels: int) -> nn.Module:
+        return ReferenceGenerator(self.cfg.nz, (128, 128, 64), image_size, channels, "bn")
 
     def round_latents(self) -> None:
         self.z = torch.randn(self.ctx.synth_batch_size, self.cfg.nz, device=self.ctx.device)
