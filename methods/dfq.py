@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfkd_bench.losses import BNStatistics, kl_divergence, mean_prediction_neg_entropy
+from dfkd_bench.method import SynthBatch
 from dfkd_bench.online import OnlineConfig, OnlineSynthesizer, package_generator
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
@@ -60,7 +61,7 @@ class DFQ(OnlineSynthesizer):
 
     def __init__(self, ctx, cfg: DFQConfig):
         super().__init__(ctx, cfg)
-        self.bn_stats = BNStatistics(ctx.teacher)
+        self.bn_stats: BNStatistics | None = None  # hooked on the teacher during the generator steps only
 
     def build_generator(self) -> nn.Module:
         c, h, _ = self.ctx.image_shape
@@ -76,10 +77,14 @@ class DFQ(OnlineSynthesizer):
             "balance": cfg.balance * mean_prediction_neg_entropy(t),
         }
 
-    def synthesize(self):
-        batch = super().synthesize()
-        self.bn_stats.clear()  # the hooks hold the last step's graph
-        return batch
+    def synthesize(self) -> SynthBatch:
+        # hooks only for the generator steps: the student steps' teacher passes need no BN statistics
+        self.bn_stats = BNStatistics(self.ctx.teacher)
+        try:
+            return super().synthesize()
+        finally:
+            self.bn_stats.remove()
+            self.bn_stats = None
 
 
 # One batch size for generator and student, no augmentation, KL at T 1 for the student (see above). The shared
