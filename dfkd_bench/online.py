@@ -34,6 +34,7 @@ def package_generator(nz: int, image_size: int, channels: int) -> ReferenceGener
 
 
 def check_generator(name: str) -> None:
+    """One-line error for a ``method.generator`` that is neither ``authors`` nor ``package``."""
     if name not in GENERATORS:
         raise DfkdError(f"method.generator must be one of {', '.join(GENERATORS)}, got {name!r}")
 

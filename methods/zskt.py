@@ -132,7 +132,6 @@ class ZSKTLoss(DistillLoss):
         super().__init__(ctx, cfg)
         self._maps: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
         self._stages: dict[str, int] = {}
-        self._handles = []
         if cfg.beta > 0:
             self._hook(ctx.student, "student")
             self._hook(ctx.teacher, "teacher")
@@ -147,7 +146,8 @@ class ZSKTLoss(DistillLoss):
 
         modules = stage_modules(model)
         self._stages[key] = len(modules)
-        self._handles += [m.register_forward_hook(keep) for m in modules]
+        for m in modules:
+            m.register_forward_hook(keep)
 
     def _check_maps(self) -> None:
         """Attention transfer pairs the stages one to one: same count, same spatial sizes."""
