@@ -63,3 +63,54 @@ class Generator(nn.Module):
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return torch.sigmoid(x)
+
+
+class ReferenceGenerator(nn.Module):
+    """The generator family of the online methods' reference code (DAFL, DFAD, ZSKT and the
+    ``datafree`` package's GAN-based methods), with PyTorch's default initialization as there:
+
+        z -> linear to (widths[0], H/4, W/4) -> BN -> x2 upsample, conv, BN, LeakyReLU(0.2)
+          -> x2 upsample, conv, BN, LeakyReLU(0.2) -> conv to C channels -> output head
+
+    ``output`` is ``"tanh_bn"`` (tanh, then a BN without affine: DAFL, DFAD), ``"bn"`` (an affine BN:
+    ZSKT) or ``"sigmoid"`` (the package). The first two produce images in the dataset's normalized
+    space (``normalized_output``): their code feeds that output to the teacher as it is.
+    """
+
+    OUTPUTS = ("tanh_bn", "bn", "sigmoid")
+
+    def __init__(self, nz: int, widths: tuple[int, int, int], image_size: int, channels: int, output: str,
+                 conv_bias: bool = True, bn_eps: float = 1e-5):
+        super().__init__()
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(self.OUTPUTS)}, got {output!r}")
+        c0, c1, c2 = widths
+        self.nz, self.image_size, self.output = nz, image_size, output
+        self.normalized_output = output != "sigmoid"
+        self.init_size = max(1, image_size // 4)
+        self.project = nn.Linear(nz, c0 * self.init_size**2)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(c0),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(c0, c1, 3, 1, 1, bias=conv_bias),
+            nn.BatchNorm2d(c1, eps=bn_eps),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(c1, c2, 3, 1, 1, bias=conv_bias),
+            nn.BatchNorm2d(c2, eps=bn_eps),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(c2, channels, 3, 1, 1),
+        )
+        if output == "tanh_bn":
+            self.head = nn.Sequential(nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+        elif output == "bn":
+            self.head = nn.BatchNorm2d(channels)
+        else:
+            self.head = nn.Sigmoid()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        x = self.body(x)
+        if x.shape[-1] != self.image_size:  # sizes not divisible by 4
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return self.head(x)

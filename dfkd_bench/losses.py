@@ -133,3 +133,10 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
             + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
             + (x[..., 1:, 1:] - x[..., :-1, :-1]).abs().mean()
             + (x[..., 1:, :-1] - x[..., :-1, 1:]).abs().mean())
+
+
+def mean_prediction_neg_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``sum_k p_k ln p_k`` of the batch's mean softmax ``p``: minimizing it spreads the batch's
+    predictions over the classes (DAFL's information-entropy term, the datafree package's "balance")."""
+    p = F.softmax(logits.float(), dim=1).mean(0)
+    return (p * p.clamp_min(1e-12).log()).sum()

@@ -12,6 +12,8 @@ from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.rundir import CONFIG, METRICS, SAMPLES, STUDENT, SUMMARY, read_metrics
 
 METHODS = [name for name, cls in SYNTHESIZERS.items() if not cls.is_baseline]
+POOL_METHODS = [name for name in METHODS if SYNTHESIZERS.get(name).batch_source == "pool"]
+FRESH_METHODS = [name for name in METHODS if SYNTHESIZERS.get(name).batch_source == "fresh"]
 
 
 def test_the_five_methods_are_registered():
@@ -29,7 +31,7 @@ def test_one_round_lowers_the_methods_own_synthesis_loss(method, tiny_store, tmp
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5, curve
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", POOL_METHODS)
 def test_the_pool_grows_by_the_synthesis_batch(method, tiny_store, tmp_path):
     runner = tiny_runner(method, tmp_path / "run", tiny_store, {"method.g_steps": 2, "synth_batch_size": 6})
     start = len(runner.pool)
@@ -37,6 +39,19 @@ def test_the_pool_grows_by_the_synthesis_batch(method, tiny_store, tmp_path):
         runner._synthesize(defaultdict(list))
         assert len(runner.pool) == start + 6 * round_
     assert runner.counters.images == 12 and runner.counters.teacher_passes >= 12 * 2
+
+
+@pytest.mark.parametrize("method", FRESH_METHODS)
+def test_fresh_methods_pool_nothing_and_count_the_batches_the_student_learns_from(method, tiny_store, tmp_path):
+    runner = tiny_runner(method, tmp_path / "run", tiny_store,
+                         {"method.g_steps": 2, "synth_batch_size": 6, "batch_size": 5, "kd_steps": 1})
+    terms = defaultdict(list)
+    for _ in (1, 2):
+        runner._synthesize(terms)
+        runner._distill_step(terms)
+    assert len(runner.pool) == 0
+    assert runner.counters.images == 2 * 5 and runner.counters.teacher_passes >= 2 * 6 * 2
+    assert len(terms["synth/total"]) == 2 and any(k.startswith("kd/") for k in terms)
 
 
 @pytest.mark.parametrize("method", METHODS)
