@@ -19,7 +19,8 @@ from .registry import SYNTHESIZERS, load_plugins
 from .rundir import CONFIG, METRICS, SUMMARY, read_metrics
 from .stats import ALPHA, CONFIDENCE, NA, Estimate, Mark, best_group, estimate
 
-GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset"]
+# "settings" lists what a run changed relative to its preset (--set values), so variants are never averaged together
+GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset", "settings"]
 # methods are ranked against each other within one setting
 SETTING_KEYS = ["dataset", "teacher", "student", "preset"]
 FINISHED = ("complete", "budget")
@@ -47,6 +48,7 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         warnings.warn(f"skipping {run_dir}: summary.json has no status", stacklevel=2)
         return None
     row = {k: config.get(k) for k in GROUP_KEYS}
+    row["settings"] = settings_beyond_preset(config)
     row.update({
         "run": str(run_dir),
         "seed": config.get("seed"),
@@ -62,6 +64,32 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         "epochs_done": summary.get("epochs_done"),
     })
     return row
+
+
+# Run fields that say where or how a run ran, not what it computed, or that are grouped on already.
+_NOT_SETTINGS = {"method", "dataset", "teacher", "student", "preset", "loss", "seed", "device", "eval_batch_size",
+                 "teacher_checkpoint", "method_cfg", "loss_cfg"}
+
+
+def settings_beyond_preset(config: dict[str, Any]) -> str:
+    """What ``config`` (a run's config.json) sets differently from its preset, as ``key=value`` pairs;
+    ``""`` when it is the preset as it stands today, ``"?"`` when the preset cannot be resolved here."""
+    from .config import resolve_config
+
+    try:
+        load_plugins()
+        fields = {k: config[k] for k in ("dataset", "teacher", "student") if k in config}
+        ref, _, _ = resolve_config(config["method"], config["preset"], {"loss": config.get("loss") or ""}, **fields)
+    except Exception:  # an unknown method or preset (a plugin not loaded, a renamed preset)
+        return "?"
+    ref_dict = json.loads(json.dumps(ref.to_dict(), default=str))  # tuples -> lists, as on disk
+    diff = [f"{k}={config[k]}" for k in sorted(config)
+            if k not in _NOT_SETTINGS and k in ref_dict and config[k] != ref_dict[k]]
+    for part in ("method_cfg", "loss_cfg"):
+        ours, theirs = config.get(part) or {}, ref_dict.get(part) or {}
+        # a key today's code no longer has is a difference too (the run used a setting that is gone)
+        diff += [f"{part[:-4]}.{k}={ours[k]}" for k in sorted(ours) if k not in theirs or ours[k] != theirs[k]]
+    return ", ".join(diff)
 
 
 def collect(root: Path, at: tuple[str, float] | None = None) -> pd.DataFrame:
@@ -150,11 +178,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
         repeated = sorted(g["seed"][g["seed"].duplicated()].unique().tolist())
         if repeated:
-            warnings.warn(f"{'/'.join(map(str, key))}: several runs share a seed ({repeated}); each is counted in n",
-                          stacklevel=2)
+            name = "/".join(str(k) for k in key if k)
+            warnings.warn(f"{name}: several runs share a seed ({repeated}); each is counted in n", stacklevel=2)
         score = estimate(g["final_acc"].tolist())
         row = {
             **dict(zip(GROUP_KEYS, key)),
+            "settings": key[GROUP_KEYS.index("settings")] or "preset",
             "acc (last epoch)": _fmt_mean_std(score),
             "95% CI": _fmt_ci(score),
             "n seeds": score.n,

@@ -20,6 +20,7 @@ from scipy import stats
 
 from dfkd_bench.cli import cli
 from dfkd_bench.report import draw_curves, write_report
+from dfkd_bench.results import collect, summarize
 from dfkd_bench.rundir import CONFIG, METRICS, SUMMARY
 from dfkd_bench.stats import best_group, estimate, welch_p
 
@@ -193,7 +194,7 @@ def test_compare_table_and_markdown_state_the_test(tree):
     assert table.exit_code == 0
     assert "Welch's t-test" in table.stdout and "p < 0.05" in table.stdout
     markdown = CliRunner().invoke(cli, ["compare", str(tree), "--format", "markdown"]).stdout
-    assert "| cmi | kl | cpu | 88.23 ± 0.35 |" in markdown  # mean and std of 87.9, 88.6, 88.2
+    assert "| cmi | kl | cpu | preset | 88.23 ± 0.35 |" in markdown  # mean and std of 87.9, 88.6, 88.2
     assert "Welch's t-test" in markdown.strip().splitlines()[-1]
     assert "Welch's t-test" in CliRunner().invoke(cli, ["compare", str(tree), "--format", "latex"]).stdout
 
@@ -238,3 +239,16 @@ def test_plot_band_is_mean_plus_minus_std_and_one_seed_is_a_plain_line():
     bottom = np.mean(finals) - np.std(finals, ddof=1)
     at_last_epoch = bands["cmi (n=3)"][np.isclose(bands["cmi (n=3)"][:, 0], 3.0), 1]
     assert sorted(at_last_epoch)[0] == pytest.approx(bottom) and sorted(at_last_epoch)[-1] == pytest.approx(top)
+
+
+def test_runs_with_other_settings_are_a_row_of_their_own(tmp_path):
+    write_run(tmp_path / "a", "cmi", 0, [88.0])
+    write_run(tmp_path / "b", "cmi", 1, [87.0])
+    config_path = write_run(tmp_path / "c", "cmi", 2, [60.0]) / CONFIG
+    config = json.loads(config_path.read_text())
+    config["method_cfg"] = {"g_steps": 3}  # the rest of the method config as the preset has it
+    config["lr"] = 0.05
+    config_path.write_text(json.dumps(config))
+    table = summarize(collect(tmp_path)).set_index("settings")
+    assert table.loc["preset", "n seeds"] == 2 and table.loc["preset", "acc_mean"] == 87.5
+    assert table.loc["lr=0.05, method.g_steps=3", "n seeds"] == 1
