@@ -397,13 +397,16 @@ def _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address,
     """The sweep's runs as Ray tasks (dfkd_bench.backends). Returns how many failed."""
     from .backends import RunRequest, import_ray, run_on_ray
     from .config import resolve_config
+    from .teachers import default_store
 
     import_ray()  # a missing extra is reported before anything else
+    # absolute paths: a worker's working directory is not this one
+    output, teacher_store = Path(output).resolve(), Path(teacher_store or default_store()).resolve()
     requests = []
     for name, fields in grid:
         cfg, _, _ = resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
-        requests.append(RunRequest(name, preset, fields, overrides, loss, Path(output), teacher_store,
-                                   Path(output) / default_run_name(cfg), cfg.to_dict()))
+        requests.append(RunRequest(name, preset, fields, overrides, loss, output, teacher_store,
+                                   output / default_run_name(cfg), cfg.to_dict()))
     plugins = click.get_current_context().find_root().params["plugins"]
     return run_on_ray(requests, plugins, address, cpus_per_run, gpus_per_run, console.print)
 

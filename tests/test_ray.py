@@ -1,5 +1,5 @@
-"""Sweeps on Ray: a 2x2 grid through a local Ray instance gives the local backend's results; the local
-backend never imports Ray, and a missing Ray is one line naming the extra."""
+"""Sweeps on Ray: a 2x2 grid through a local Ray instance gives the local backend's results, resumes an
+interrupted run and skips finished ones; the local backend never imports Ray; a missing Ray is one line."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_RUN, assert_user_error
+from conftest import TINY_RUN, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
-from dfkd_bench.rundir import METRICS, STUDENT, SUMMARY, read_metrics
+from dfkd_bench.rundir import CHECKPOINT, METRICS, STUDENT, SUMMARY, read_metrics
 
 TESTS = Path(__file__).resolve().parent
 
@@ -55,7 +55,30 @@ def _without_timing(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run_dir / METRICS)]
 
 
+def _interrupt_after_the_first_epoch(run_dir: Path, store: Path) -> None:
+    """Leave ``run_dir`` as a killed sweep run would: a checkpoint after epoch 0, no summary. Epoch 0's
+    record gets a marker a resumed run keeps and a restarted one overwrites."""
+    runner = tiny_runner("kd-noise", run_dir, store)
+    end_epoch = runner._end_epoch
+
+    def end_then_stop(epoch, *args, **kwargs):
+        end_epoch(epoch, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    runner._end_epoch = end_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    (record,) = read_metrics(run_dir / METRICS)
+    (run_dir / METRICS).write_text(json.dumps({**record, "synth_seconds": MARK}) + "\n")
+    assert (run_dir / CHECKPOINT).is_file() and not (run_dir / SUMMARY).exists()
+
+
+MARK = 12345.0
+
+
 def test_a_grid_on_ray_gives_the_local_results_and_a_rerun_skips_it(local_ray, tiny_store, tmp_path):
+    interrupted = tmp_path / "ray" / "tiny-wrn16_1-wrn16_1-kd-noise-quick-s0"
+    _interrupt_after_the_first_epoch(interrupted, tiny_store)
     # baselines: the cheapest runs (Ray's start-up is what costs here), still trained from seeded batches
     on_ray = CliRunner().invoke(cli, _sweep_args(tiny_store, tmp_path / "ray") + ["--backend", "ray",
                                                                                  "--cpus-per-run", "1"])
@@ -75,6 +98,8 @@ def test_a_grid_on_ray_gives_the_local_results_and_a_rerun_skips_it(local_ray, t
         assert _without_timing(a) == _without_timing(b), name
         sa, sb = (torch.load(d / STUDENT, weights_only=True) for d in (a, b))
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+    assert read_metrics(interrupted / METRICS)[0]["synth_seconds"] == MARK  # resumed, not restarted
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*") if p.is_file()}
     again = CliRunner().invoke(cli, _sweep_args(tiny_store, tmp_path / "ray") + ["--backend", "ray"])
