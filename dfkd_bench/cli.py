@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -150,6 +151,8 @@ def _spawn_ranks(nprocs: int) -> None:
     """``run --ddp N``: this command, without --ddp, in N processes forming one process group."""
     from .distributed import spawn
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DfkdError("--ddp starts its own processes; under torchrun, leave it out")
     ctx = click.get_current_context()
     spawn(nprocs, _run_rank, ctx.find_root().params["plugins"], {**ctx.params, "ddp": None})
 

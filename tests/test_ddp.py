@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import TINY_CLI, tiny_runner
+from click.testing import CliRunner
+from conftest import TINY_CLI, assert_user_error, tiny_runner
 
+from dfkd_bench.cli import cli
 from dfkd_bench.distributed import ShardedPassSampler, process_group_from_env, spawn
 from dfkd_bench.losses import BNStatistics, sync_bn_statistics
 from dfkd_bench.pool import SamplePool, quantize
@@ -33,6 +35,7 @@ def _ranks(out_dir: Path, store: Path) -> None:
         _bn_rank(out_dir)
         _run_rank(out_dir / "run", store, out_dir, RUN)
         _odd_batch_rank(store, out_dir)
+        _cli_rank(store, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +175,29 @@ def test_a_batch_size_the_ranks_cannot_split_is_a_user_error(two_ranks):
         assert (two_ranks / f"refused{rank}").read_text().startswith("batch_size (7) must be a multiple of the "
                                                                      "number of processes (2)")
     assert not (two_ranks / "odd").exists()
+
+
+def _cli_rank(store: Path, out_dir: Path) -> None:
+    """`dfkd-bench run` in a rank of a process group, as under torchrun."""
+    args = ["--plugin", "conftest", "run", "--method", "deepinversion", *TINY_CLI, "--teacher-store", str(store),
+            "--output", str(out_dir / "cli"), "--name", "run"]
+    result = CliRunner().invoke(cli, args)
+    (out_dir / f"cli{dist.get_rank()}.json").write_text(json.dumps([result.exit_code, result.output]))
+
+
+def test_the_run_command_in_two_ranks_prints_and_writes_once(two_ranks):
+    (code0, out0), (code1, out1) = (json.loads((two_ranks / f"cli{r}.json").read_text()) for r in range(WORLD))
+    assert code0 == code1 == 0, out0
+    assert "final (last-epoch) student accuracy" in out0 and out1 == ""  # only rank 0 prints
+    summary = json.loads((two_ranks / "cli" / "run" / SUMMARY).read_text())
+    assert summary["world_size"] == WORLD and summary["status"] == "complete"
+    assert len(read_metrics(two_ranks / "cli" / "run" / METRICS)) == summary["epochs_done"] == 2
+
+
+def test_ddp_under_torchrun_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets
+    result = CliRunner().invoke(cli, ["run", "--method", "kd-noise", "--ddp", "2", "--output", str(tmp_path)])
+    assert_user_error(result, "--ddp starts its own processes; under torchrun, leave it out")
 
 
 # ---------------------------------------------------------------- kill, restart, resume
