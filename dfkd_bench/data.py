@@ -38,6 +38,7 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]
+    class_names: tuple[str, ...] = ()  # in label order; empty when unknown (NAYER embeds them as text)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -158,11 +159,23 @@ def _register(spec: DatasetSpec) -> None:
     DATASETS.register(spec, name=spec.name)
 
 
-_register(DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), _load_fashion_mnist))
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+    castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+    elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+    man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+    pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+    skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+    tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
+
+_register(DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), _load_fashion_mnist, FASHION_MNIST_CLASSES))
 _register(DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                      _cifar_loader("CIFAR10", "cifar-10-python.tar.gz")))
+                      _cifar_loader("CIFAR10", "cifar-10-python.tar.gz"), CIFAR10_CLASSES))
 _register(DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                      _cifar_loader("CIFAR100", "cifar-100-python.tar.gz")))
+                      _cifar_loader("CIFAR100", "cifar-100-python.tar.gz"), CIFAR100_CLASSES))
 
 
 # ---------------------------------------------------------------- shared helpers

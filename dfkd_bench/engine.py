@@ -122,6 +122,7 @@ class Runner:
             self.ranks.sync_bn_statistics(self.teacher)
         ctx = SynthContext(self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer, self.device,
                            self.ranks.share(cfg.synth_batch_size, "synth_batch_size"), self.amp,
+                           class_names=spec.class_names, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
                            amp_dtype=self.amp_dtype)
         with sealed():
             self.method: Synthesizer = method_cls(ctx, method_cfg).to(self.device)

@@ -77,6 +77,9 @@ class GeneratorSynthesizer(Synthesizer):
     def after_backward(self, generator: nn.Module) -> None:
         """Called after each inner backward pass, before the optimizer step."""
 
+    def on_best_step(self) -> None:
+        """Called when a step's images become the round's best batch (before that step's update)."""
+
     def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
         """Called once the round's best batch is chosen."""
 
@@ -113,14 +116,15 @@ class GeneratorSynthesizer(Synthesizer):
                 terms["adv"] = cfg.adv * adversarial_loss(s, t)
             terms.update(self.extra_terms(images, x, y, t, s))
             loss = sum(terms.values())
+            value = loss.item()
+            curve.append(value)
+            if value < best_loss:  # these images produced this loss: the update below changes G, not them
+                best_loss, best = value, images.detach().clone()
+                self.on_best_step()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             self.after_backward(generator)
             opt.step()
-            value = loss.item()
-            curve.append(value)
-            if value < best_loss:
-                best_loss, best = value, images.detach().clone()
             last = {k: v.item() for k, v in terms.items()}
         self.bn_stats.update_ema()
         batch = SynthBatch(best, y, {**last, "total": curve[-1]}, curve, teacher_passes=n * cfg.g_steps)

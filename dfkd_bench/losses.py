@@ -146,13 +146,16 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     return -(kl_divergence(student_logits, teacher_logits, 1.0, reduction="none") * agree).mean()
 
 
-def jensen_shannon_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """DeepInversion's adaptive term: minus the Jensen-Shannon divergence, no mask."""
-    p_s = F.softmax(student_logits.float(), 1)
-    p_t = F.softmax(teacher_logits.float(), 1)
-    m = (0.5 * (p_s + p_t)).clamp_min(1e-8).log()
-    js = 0.5 * (F.kl_div(m, p_s, reduction="batchmean") + F.kl_div(m, p_t, reduction="batchmean"))
-    return -js.clamp(0.0, 1.0)
+def clamped_js_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          temperature: float = 3.0) -> torch.Tensor:
+    """The ``datafree`` package's ``jsdiv``: with P, Q the softened distributions and M their mean,
+    each clamped to [0.01, 0.99], ``0.5 * KL(M || P) + 0.5 * KL(M || Q)`` (batch mean). DeepInversion
+    maximizes it as its adversarial term."""
+    p = F.softmax(student_logits.float() / temperature, dim=1)
+    q = F.softmax(teacher_logits.float() / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    return 0.5 * F.kl_div(p.log(), m, reduction="batchmean") + 0.5 * F.kl_div(q.log(), m, reduction="batchmean")
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from .runtime import atomic_torch_save
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> uint8 (rounded)."""
-    return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    """[0, 1] floats -> uint8, truncated as the reference code's ``(x * 255).astype('uint8')`` before it
+    writes the pool's PNG files."""
+    return images.detach().clamp(0, 1).mul(255).to(torch.uint8).cpu()
 
 
 class SamplePool:

@@ -5,6 +5,7 @@ Every image is rotated by 0/90/180/270 degrees and an auxiliary head on the stud
 features predicts the joint label ``4*y + r``. Synthesis (CMI's generator loop) maximizes that
 head's cross entropy next to the usual BN-statistics and one-hot terms; after every student
 step the head takes one SGD step on the same batch, and it is re-initialized after each round.
+Every detail follows the authors' code (github.com/luoshiya/CSD); docs/methods/csd.md lists them.
 
 The student's own loss is a separate, registered component, ``csd``: KL + CE on the pool's
 labels + an aligned feature-map MSE. ``--loss kl`` runs CSD's synthesis with plain KD, and
@@ -25,11 +26,12 @@ import torch.nn.functional as F
 
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.generative import GeneratorConfig, GeneratorSynthesizer
+from dfkd_bench.generator import dcgan_init_
 from dfkd_bench.losses import kl_divergence
 from dfkd_bench.method import DistillLoss, LossContext, Outputs, SynthBatch, SynthContext
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS, register_preset
-from dfkd_bench.zoo import feature_dims
+from dfkd_bench.zoo import feature_dims, stage_modules
 
 ROTATIONS = 4
 
@@ -45,17 +47,14 @@ def rotate_with_labels(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class AuxHead(nn.Module):
-    """2-layer MLP on the student's pooled features, L2-normalized output of width 4*K."""
+    """2-layer MLP on the student's pooled features, L2-normalized output of width 4*K (the authors' MLPHead).
+
+    Its logits enter the cross entropy as they are, without a temperature, as in the authors' code."""
 
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
                                  nn.Linear(in_features, ROTATIONS * num_classes))
-
-    def reset_parameters(self) -> None:
-        for m in self.net:
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(features), dim=1)
@@ -77,31 +76,22 @@ class CSD(GeneratorSynthesizer):
         oh: float = 1.0
         adv: float = 0.0
         csd: float = 10.0  # weight of minus the auxiliary cross entropy
-        # The head's output is L2-normalized, so raw logits lie in [-1, 1]: over 4K classes the
-        # softmax stays near uniform (CE >= ~2.7 for K=10) and maximizing it barely moves the
-        # images. Dividing by a temperature, as CMI does for its own normalized head, lets the
-        # head be confident on easy samples. 0.2 is CMI's value; on the tiny test set 0.1 kept
-        # the head near chance at head_lr 0.1, and 1 (no scaling) left the synthesized batch
-        # almost as easy for a fixed head as csd = 0 did.
-        aux_T: float = 0.2
-        head_lr: float = 0.0  # 0: follow the student's current lr, as the paper does
+        # The head's SGD: the authors give it the run's initial lr (--lr, 0.1), momentum 0.9 and weight decay
+        # 1e-4, one optimizer for the whole run (its momentum survives the head's re-initializations).
+        head_lr: float = 0.0  # 0: the run's initial student lr
         head_momentum: float = 0.9
         head_weight_decay: float = 1e-4
 
     def __init__(self, ctx: SynthContext, cfg: Config):
         super().__init__(ctx, cfg)
-        if cfg.aux_T <= 0:
-            raise DfkdError(f"method.aux_T must be positive, got {cfg.aux_T}")
+        if cfg.head_lr < 0:
+            raise DfkdError(f"method.head_lr must be zero (the run's lr) or positive, got {cfg.head_lr}")
         c, h, _ = ctx.image_shape
         _, width = feature_dims(ctx.student, c, h)
+        # PyTorch's default initialization first; N(0, 0.02) after every round (``after_round``)
         self.aux_head = AuxHead(width, ctx.num_classes).to(ctx.device)
-        self.head_optimizer = self._new_head_optimizer()
-
-    def _new_head_optimizer(self) -> torch.optim.SGD:
-        cfg = self.cfg
-        lr = cfg.head_lr or self.ctx.student_lr or 0.1  # the runner sets student_lr before the first round
-        return torch.optim.SGD(self.aux_head.parameters(), lr=lr, momentum=cfg.head_momentum,
-                               weight_decay=cfg.head_weight_decay)
+        self.head_optimizer = torch.optim.SGD(self.aux_head.parameters(), lr=cfg.head_lr or ctx.lr,
+                                              momentum=cfg.head_momentum, weight_decay=cfg.head_weight_decay)
 
     def student_features(self, x: torch.Tensor) -> torch.Tensor:
         """The student's globally pooled penultimate features of normalized images, float32."""
@@ -112,7 +102,7 @@ class CSD(GeneratorSynthesizer):
 
     def aux_cross_entropy(self, features: torch.Tensor, y4: torch.Tensor) -> torch.Tensor:
         """The auxiliary head's CE on pooled student features of a rotated batch (joint labels ``y4``)."""
-        return F.cross_entropy(self.aux_head(features) / self.cfg.aux_T, y4)
+        return F.cross_entropy(self.aux_head(features), y4)
 
     # ---------------------------------------------------------------- synthesis
 
@@ -125,6 +115,11 @@ class CSD(GeneratorSynthesizer):
         finally:
             self.aux_head.requires_grad_(True)
 
+    def on_epoch_start(self, epoch: int, warmup: bool) -> None:
+        super().on_epoch_start(epoch, warmup)
+        if self.cfg.csd > 0:  # the authors' loss has the csd term *instead of* the adversarial one (csd.py:139-147)
+            self.adversarial = False
+
     def extra_terms(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     t_logits: torch.Tensor, s_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.csd <= 0:
@@ -133,9 +128,9 @@ class CSD(GeneratorSynthesizer):
         return {"csd": -self.cfg.csd * self.aux_cross_entropy(self.student_features(x4), y4)}
 
     def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
-        # The head measures the student as it learns from this round's batches, so it starts over.
-        self.aux_head.reset_parameters()
-        self.head_optimizer = self._new_head_optimizer()
+        # The head measures the student as it learns from this round's batches, so it starts over
+        # (the authors' reset_head after every synthesis, with their reset_model initialization).
+        dcgan_init_(self.aux_head)
 
     # ---------------------------------------------------------------- student steps
 
@@ -173,21 +168,46 @@ class CSD(GeneratorSynthesizer):
 
 
 def align_head(in_channels: int, out_channels: int, size: tuple[int, int]) -> nn.Sequential:
-    """Maps a student feature map onto a teacher's: adaptive pool to ``size``, 1x1 conv, BN, ReLU,
-    3x3 conv, BN, ReLU, 1x1 conv, with a mid width of twice the teacher's channels."""
+    """Maps a student feature map onto a teacher's (the authors' AlignHead): adaptive pool to ``size``,
+    1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv, all convolutions without bias, a mid width of
+    twice the teacher's channels."""
     mid = 2 * out_channels
     return nn.Sequential(
         nn.AdaptiveAvgPool2d(size),
         nn.Conv2d(in_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
         nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-        nn.Conv2d(mid, out_channels, 1),
+        nn.Conv2d(mid, out_channels, 1, bias=False),
     )
+
+
+class LastStageMaps:
+    """Keeps the output of a model's last stage (``zoo.stage_modules``) from its latest forward pass:
+    the map CSD aligns. For the zoo's WRNs that is the last block group's output *before* the final
+    BN-ReLU, which is what the authors' ``return_features`` gives (their ``fea[-2]``)."""
+
+    def __init__(self, model: nn.Module):
+        self.map: torch.Tensor | None = None
+        stage_modules(model)[-1].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.map = output
+
+    def shape(self, model: nn.Module, in_chans: int, image_size: int) -> tuple[int, int, int]:
+        """The map's (C, H, W) for images of this size (one forward in eval mode)."""
+        p = next(model.parameters())
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, in_chans, image_size, image_size, device=p.device, dtype=p.dtype))
+        model.train(was_training)
+        shape, self.map = tuple(self.map.shape[1:]), None
+        return shape
 
 
 @LOSSES.register
 class CSDLoss(DistillLoss):
     name = "csd"
-    summary = "KL * T^2 + CE on the pool's labels + fea * MSE(align(student map), teacher map)"
+    summary = "KL * T^2 + CE on the pool's labels + fea * MSE(align(student's last stage), teacher's last stage)"
     needs_labels = True
 
     @dataclass
@@ -198,8 +218,9 @@ class CSDLoss(DistillLoss):
     def __init__(self, ctx: LossContext, cfg: Config):
         super().__init__(ctx, cfg)
         c, h, _ = ctx.image_shape
-        (t_channels, t_h, t_w), _ = feature_dims(ctx.teacher, c, h)
-        (s_channels, _, _), _ = feature_dims(ctx.student, c, h)
+        self._teacher_maps, self._student_maps = LastStageMaps(ctx.teacher), LastStageMaps(ctx.student)
+        t_channels, t_h, t_w = self._teacher_maps.shape(ctx.teacher, c, h)
+        s_channels, _, _ = self._student_maps.shape(ctx.student, c, h)
         self.align = align_head(s_channels, t_channels, (t_h, t_w))
 
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -210,7 +231,9 @@ class CSDLoss(DistillLoss):
         if self.cfg.ce > 0:
             terms["ce"] = self.cfg.ce * F.cross_entropy(s.logits.float(), y)
         if self.cfg.fea > 0:
-            terms["fea"] = self.cfg.fea * F.mse_loss(self.align(s.features).float(), t.features.float())
+            # the runner has just run both networks on this batch: their last-stage maps are fresh
+            s_map, t_map = self._student_maps.map, self._teacher_maps.map
+            terms["fea"] = self.cfg.fea * F.mse_loss(self.align(s_map).float(), t_map.float())
         return terms
 
 

@@ -3,8 +3,13 @@
 One generator is shared across all rounds and never reset. A round optimizes it (``fast``)
 or a clone of it (``fast_meta``) together with fresh latents for only a few steps, with
 BN-statistics momentum in the BatchNorm loss. ``fast_meta`` then meta-updates the shared
-generator from the clone (first-order MAML or Reptile), so it learns an initialization that
+generator from the clone (first-order MAML, or Reptile), so it learns an initialization that
 adapts to a new batch in those few steps. The first ``warmup_epochs`` only synthesize.
+
+Details follow the authors' code (github.com/zju-vipa/Fast-Datafree; docs/methods/fast.md):
+the generator keeps PyTorch's default initialization; the adversarial term is on from the
+``warmup``-th synthesis round, counted in rounds as their ``self.ep`` does; only ``fast_meta``
+has the scheduled input-layer reset (``reset_l0``), at round 120 + warm-up.
 """
 
 from __future__ import annotations
@@ -27,32 +32,49 @@ META_RULES = ("maml", "reptile")
 
 @dataclass
 class FastConfig(GeneratorConfig):
-    """Fast-5 (methods.md): 5 steps per round; Fast-2 is lr_g 5e-3, lr_z 0.015, Fast-10 lr_g 2e-3."""
+    """Fast-5 (the authors' scripts): 5 steps per round; Fast-2 is lr_g 5e-3, lr_z 0.015, Fast-10 lr_g 2e-3."""
 
     g_steps: int = 5
     lr_g: float = 3e-3
     lr_z: float = 0.01
     bn: float = 10.0
     oh: float = 0.4
-    adv: float = 1.1  # WRN pairs; 1.33 for ResNet-34
+    adv: float = 1.1  # WRN pairs; 1.33 for ResNet-34, 1.0 for VGG-11
     bn_momentum: float = 0.9
     reset_generator: bool = False
-    reset_first_layer_epoch: int = -1  # epoch (0-based) that re-initializes G's first layer; -1: never
 
 
 @dataclass
 class FastMetaConfig(FastConfig):
     meta: str = "maml"  # "maml" (first-order) or "reptile"
-    reptile_eps: float = 0.5  # Reptile step toward the clone's weights (1.0 would be plain `fast`)
+    reptile_scale: float = 67.0  # Reptile's meta-gradient is this times (shared - clone) weights (their alpha)
+    reset_l0: bool = False  # re-initialize G's input layers once, at round reset_l0_round + warm-up
+    reset_l0_round: int = 120
 
 
 class _FastBase(GeneratorSynthesizer):
-    """What ``fast`` and ``fast_meta`` share: the scheduled first-layer reset."""
+    """What ``fast`` and ``fast_meta`` share: rounds counted as the authors' ``self.ep``."""
+
+    def __init__(self, ctx: SynthContext, cfg: FastConfig):
+        super().__init__(ctx, cfg)
+        self.rounds_done = 0  # synthesis rounds so far, checkpointed
 
     def on_epoch_start(self, epoch: int, warmup: bool) -> None:
-        super().on_epoch_start(epoch, warmup)
-        if epoch == self.cfg.reset_first_layer_epoch:
-            self.generator.reset_first_layer()
+        pass  # the adversarial switch counts rounds, not epochs (round_generator)
+
+    def round_generator(self) -> nn.Module:
+        self.rounds_done += 1
+        # the authors' `self.ep >= self.ep_start`: on from the warm-up-th round (1-based), which with one
+        # round per epoch is the last warm-up epoch
+        self.adversarial = self.rounds_done >= self.ctx.warmup_epochs
+        return super().round_generator()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "rounds_done": self.rounds_done}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.rounds_done = int(state["rounds_done"])
 
 
 @SYNTHESIZERS.register
@@ -79,8 +101,11 @@ class FastMeta(_FastBase):
 
     def round_generator(self) -> nn.Module:
         """A clone of the shared generator; the round optimizes the clone and then drops it."""
+        shared = super().round_generator()
+        if self.cfg.reset_l0 and self.rounds_done == self.cfg.reset_l0_round + self.ctx.warmup_epochs:
+            shared.reset_input_layers()
         self.meta_optimizer.zero_grad(set_to_none=True)
-        return copy.deepcopy(super().round_generator())
+        return copy.deepcopy(shared)
 
     def after_backward(self, generator: nn.Module) -> None:
         if self.cfg.meta != "maml":
@@ -95,13 +120,12 @@ class FastMeta(_FastBase):
                 shared.grad.add_(clone.grad)
 
     def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
-        if self.cfg.meta == "maml":
-            self.meta_optimizer.step()
-            self.meta_optimizer.zero_grad(set_to_none=True)
-            return
-        with torch.no_grad():
+        if self.cfg.meta == "reptile":
+            # Reptile as the authors write it: a gradient pointing from the clone back to the shared weights
             for shared, clone in zip(self.generator.parameters(), generator.parameters()):
-                shared.lerp_(clone, self.cfg.reptile_eps)
+                shared.grad = (shared.detach() - clone.detach()) * self.cfg.reptile_scale
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "meta_optimizer": self.meta_optimizer.state_dict()}
@@ -111,14 +135,17 @@ class FastMeta(_FastBase):
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
 
 
-# Published: CIFAR, WRN-40-2 -> WRN-16-1, Fast-5; 220 epochs including 20 warm-up epochs,
-# first-layer reset at epoch 120 + warm-up. Synthesis batch = student batch (256) in the authors' scripts.
+# Published: CIFAR, WRN-40-2 -> WRN-16-1, Fast-5 (scripts/fast_cifar.sh): 220 epochs including 20 warm-up
+# epochs, one round of 400 student steps per epoch, the synthesis batch = the student batch (256), lr 0.2,
+# weight decay 1e-4 (datafree_kd.py's default; the scripts do not set it), cosine to 2e-4 over the 200
+# distillation epochs. Fast-Meta also resets G's input layers at round 120 + warm-up (--reset_l0 1).
 _PAPER = {
     "epochs": 220, "warmup_epochs": 20, "ep_steps": 400, "kd_steps": 400, "batch_size": 256,
-    "synth_batch_size": 256, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "temperature": 20.0,
-    "method.g_steps": 5, "method.reset_first_layer_epoch": 140,
+    "synth_batch_size": 256, "lr": 0.2, "lr_min": 2e-4, "momentum": 0.9, "weight_decay": 1e-4,
+    "temperature": 20.0, "method.g_steps": 5,
 }
+register_preset("fast", "paper", _PAPER)
+register_preset("fast_meta", "paper", {**_PAPER, "method.reset_l0": True})
 for _name in ("fast", "fast_meta"):
-    register_preset(_name, "paper", _PAPER)
     register_preset(_name, "quick", {**QUICK_PROTOCOL, "warmup_epochs": 1, "method.g_steps": 5})
     register_preset(_name, "cpu", {**CPU_PROTOCOL, "warmup_epochs": 1, "method.g_steps": 5})

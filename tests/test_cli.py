@@ -54,7 +54,7 @@ def test_methods_lists_every_method_with_its_summary():
     assert rows["deepinversion"][1] == SYNTHESIZERS.get("deepinversion").summary
     assert rows["deepinversion"][2] == "kl"
     assert "quick" in rows["deepinversion"][3] and "paper" in rows["deepinversion"][3]
-    assert "g_steps=2000" in rows["deepinversion"][4]  # the published default, not a preset's
+    assert "g_steps=1000" in rows["deepinversion"][4]  # the published default, not a preset's
     assert "kl" in _table_rows(losses_part)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_runner
 
-from dfkd_bench.methods.cmi import CMI, MemoryBank, info_nce
+from dfkd_bench.methods.cmi import CMI, MemoryBank, cmi_contrastive_loss
 from dfkd_bench.registry import get_preset
 from dfkd_bench.rundir import POOL
 
@@ -19,28 +19,39 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
-def test_info_nce_prefers_matched_views():
+def test_contrastive_loss_prefers_matched_views():
     g = torch.Generator().manual_seed(0)
-    anchor = _unit(torch.randn(16, 32, generator=g))
-    positive = _unit(anchor + 0.05 * torch.randn(16, 32, generator=g))
-    negatives = _unit(torch.randn(64, 32, generator=g))
-    shuffled = positive[torch.roll(torch.arange(16), 1)]
-    matched_loss = info_nce(anchor, positive, negatives, 0.2)
-    assert matched_loss < info_nce(anchor, shuffled, negatives, 0.2)
-    # extra negatives can only make the positive harder to pick out
-    assert matched_loss > info_nce(anchor, positive, negatives[:0], 0.2)
+    local = _unit(torch.randn(16, 32, generator=g))
+    global_ = _unit(local + 0.05 * torch.randn(16, 32, generator=g))
+    shuffled = global_[torch.roll(torch.arange(16), 1)]
+    assert cmi_contrastive_loss(local, global_, 16, 0.2) < cmi_contrastive_loss(local, shuffled, 16, 0.2)
 
 
-def test_info_nce_matches_its_definition():
+def test_contrastive_loss_matches_the_authors_definition():
+    """Rows 0..4 are the current batch, 5..11 the bank's; each local row must pick its own global row among
+    all global rows, and the current and bank means are added."""
     g = torch.Generator().manual_seed(1)
-    anchor, positive, negatives = (_unit(torch.randn(n, 8, generator=g)) for n in (5, 5, 7))
+    local, global_ = (_unit(torch.randn(12, 8, generator=g)) for _ in range(2))
     temperature = 0.5
-    candidates = torch.cat([positive, negatives])
-    expected = 0.0
-    for i in range(5):
-        scores = [math.exp(float(anchor[i] @ c) / temperature) for c in candidates]
-        expected += -math.log(scores[i] / sum(scores)) / 5
-    assert math.isclose(info_nce(anchor, positive, negatives, temperature).item(), expected, rel_tol=1e-5)
+    per_row = []
+    for i in range(12):
+        scores = [math.exp(float(local[i] @ c) / temperature) for c in global_]
+        per_row.append(-math.log(scores[i] / sum(scores)))
+    expected = sum(per_row[:5]) / 5 + sum(per_row[5:]) / 7
+    assert math.isclose(cmi_contrastive_loss(local, global_, 5, temperature).item(), expected, rel_tol=1e-5)
+    # without bank rows it is the plain mean
+    assert math.isclose(cmi_contrastive_loss(local[:5], global_[:5], 5, temperature).item(),
+                        F.cross_entropy(local[:5] @ global_[:5].T / temperature, torch.arange(5)).item(),
+                        rel_tol=1e-6)
+
+
+def test_contrastive_loss_treats_global_views_as_targets():
+    g = torch.Generator().manual_seed(2)
+    local = _unit(torch.randn(6, 8, generator=g)).requires_grad_()
+    global_ = _unit(torch.randn(6, 8, generator=g)).requires_grad_()
+    cmi_contrastive_loss(local, global_, 6, 0.1).backward()
+    assert local.grad is not None and local.grad.abs().sum() > 0
+    assert global_.grad is None  # detached, as the authors' global_feature.detach()
 
 
 def test_memory_bank_is_fifo_and_capped():
@@ -71,12 +82,33 @@ def test_synthesis_round_lowers_the_loss_and_trains_the_head(tiny_store, tmp_pat
     assert len(curve) == 30 and all(math.isfinite(v) for v in curve)
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5
     assert {"bn", "ce", "adv", "cr", "total"} <= set(batch.losses)
-    # with an untrained head and an empty bank the contrastive term starts near chance, cr * log(batch)
+    # with an empty bank the contrastive term starts near chance, cr * log(batch), and falls below it
     assert batch.losses["cr"] < method.cfg.cr * math.log(8)
     assert batch.images.shape == (8, 3, 16, 16) and 0 <= batch.images.min() and batch.images.max() <= 1
     assert any(not torch.equal(a, b) for a, b in zip(head_before, method.head.parameters()))
     # global and local views: two teacher passes per image and step
     assert batch.teacher_passes == 2 * 8 * 30
+
+
+def test_head_keeps_one_adam_for_the_run_and_the_bank_keeps_the_best_steps_views(tiny_store, tmp_path):
+    runner = tiny_runner("cmi", tmp_path / "run", tiny_store, {"method.g_steps": 6})
+    method = runner.method
+    optimizer = method.head_optimizer
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["lr"] == method.cfg.lr_g
+    kept = []
+    original = method.on_best_step
+
+    def spy():
+        original()
+        kept.append(method._step_features.clone())
+
+    method.on_best_step = spy
+    method.synthesize()
+    assert torch.equal(method.bank.features, kept[-1])  # no extra forward with fresh augmentations
+    method.synthesize()
+    assert method.head_optimizer is optimizer  # not re-created per round
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {12}  # Adam's moments carried across both rounds
 
 
 def test_bank_grows_by_the_batch_and_is_capped(tiny_store, tmp_path):
@@ -128,11 +160,12 @@ def test_bank_run_seeds_the_main_run(tiny_store, tmp_path):
 
 
 def test_presets_resolve_to_the_published_settings():
-    paper = get_preset("cmi", "paper")
-    assert paper["synth_batch_size"] == 200 and paper["method.g_steps"] == 500
+    paper = get_preset("cmi", "paper")  # scripts/cmi/scratch_cmi_cifar10_wrn402_wrn161.sh
+    assert (paper["synth_batch_size"], paper["batch_size"], paper["method.g_steps"]) == (256, 128, 200)
+    assert (paper["ep_steps"], paper["kd_steps"], paper["epochs"]) == (400, 400, 200)
     bank = get_preset("cmi", "bank")
     assert bank["synthesis_only"]
     assert bank["epochs"] * (bank["ep_steps"] // bank["kd_steps"]) == 400
     cfg = CMI.Config()
-    assert (cfg.g_steps, cfg.lr_g, cfg.bn, cfg.oh, cfg.adv, cfg.cr, cfg.cr_T) == (500, 1e-3, 1, 1, 0.5, 0.8, 0.2)
-    assert (cfg.bank_size, cfg.n_negatives, cfg.head_dim, cfg.local_scale) == (40000, 4096, 256, (0.25, 1.0))
+    assert (cfg.lr_g, cfg.bn, cfg.oh, cfg.adv, cfg.cr, cfg.cr_T) == (1e-3, 1, 1, 0.5, 0.8, 0.1)
+    assert (cfg.bank_size, cfg.n_negatives, cfg.head_dim, cfg.local_scale) == (40960, 4096, 256, (0.25, 1.0))

@@ -17,7 +17,7 @@ from dfkd_bench.method import LossContext, Outputs
 from dfkd_bench.methods.csd import CSD, CSDLoss, rotate_with_labels
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS
 from dfkd_bench.rundir import METRICS, read_metrics
-from dfkd_bench.zoo import create_model
+from dfkd_bench.zoo import create_model, stage_modules
 
 
 def _synthesize(runner):
@@ -102,8 +102,12 @@ def test_one_round_lowers_its_own_loss_and_freezes_student_and_head(tmp_path, ti
 
 
 def test_head_steps_after_student_step_and_resets_after_a_round(tmp_path, tiny_store):
-    runner = tiny_runner("csd", tmp_path / "run", tiny_store, {"method.g_steps": 2})
+    runner = tiny_runner("csd", tmp_path / "run", tiny_store, {"method.g_steps": 2, "lr": 0.05})
     method = runner.method
+    optimizer = method.head_optimizer
+    # the authors' head SGD: the run's initial lr, momentum 0.9, weight decay 1e-4
+    assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.defaults["weight_decay"] == 1e-4
     x = torch.randn(8, *TINY_SHAPE)
     y = torch.randint(TINY_CLASSES, (8,))
     bn_before = {k: v.clone() for k, v in runner.student.state_dict().items() if "running" in k}
@@ -112,15 +116,29 @@ def test_head_steps_after_student_step_and_resets_after_a_round(tmp_path, tiny_s
     assert set(terms) == {"aux_ce"} and torch.isfinite(torch.tensor(terms["aux_ce"]))
     trained = _head_state(method)
     assert any(not torch.equal(trained[k], before[k]) for k in before)
-    assert method.head_optimizer.state  # momentum buffers exist
+    momentum = {i: st["momentum_buffer"].clone() for i, st in optimizer.state_dict()["state"].items()}
+    assert momentum
     # the rotated batch must not move the student's BN statistics
     for k, v in bn_before.items():
         assert torch.equal(runner.student.state_dict()[k], v), k
     assert runner.student.training
     _synthesize(runner)
     after = _head_state(method)
-    assert all(not torch.equal(after[k], trained[k]) for k in trained if k.endswith("weight"))
-    assert not method.head_optimizer.state
+    # re-initialized as the authors' reset_model: weights N(0, 0.02), biases zero ...
+    for k, v in after.items():
+        if k.endswith("bias"):
+            assert torch.equal(v, torch.zeros_like(v)), k
+        else:
+            assert not torch.equal(v, trained[k]) and 0.01 < v.std() < 0.03, k
+    # ... while the optimizer and its momentum carry over the whole run
+    assert method.head_optimizer is optimizer
+    for i, buf in momentum.items():
+        assert torch.equal(optimizer.state_dict()["state"][i]["momentum_buffer"], buf)
+    # the cross entropy takes the L2-normalized logits as they are: no temperature
+    features = torch.randn(4, method.aux_head.net[0].in_features)
+    labels = torch.randint(4 * TINY_CLASSES, (4,))
+    assert torch.allclose(method.aux_cross_entropy(features, labels),
+                          F.cross_entropy(method.aux_head(features), labels))
     with pytest.raises(DfkdError):
         method.after_student_step(x, None)
 
@@ -151,11 +169,14 @@ def test_runner_pool_keeps_labels(tmp_path, tiny_store):
 
 @pytest.mark.parametrize("teacher,student", [("wrn16_2", "wrn16_1"), ("cifar_resnet18", "wrn16_1"),
                                              ("wrn16_1", "cifar_vgg8_bn")])
-def test_csd_loss_aligns_different_feature_maps(teacher, student):
+def test_csd_loss_aligns_the_last_stage_maps(teacher, student):
     c, h, _ = TINY_SHAPE
     t_net = create_model(teacher, TINY_CLASSES, c, h).eval()
     s_net = create_model(student, TINY_CLASSES, c, h)
     loss = CSDLoss(LossContext(t_net, s_net, TINY_SHAPE, TINY_CLASSES, 4.0), CSDLoss.Config())
+    maps = {}
+    for name, net in (("t", t_net), ("s", s_net)):
+        stage_modules(net)[-1].register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out))
     x = torch.randn(4, *TINY_SHAPE)
     y = torch.randint(TINY_CLASSES, (4,))
     with torch.no_grad():
@@ -163,13 +184,15 @@ def test_csd_loss_aligns_different_feature_maps(teacher, student):
         t = Outputs(t_feat, t_net.forward_head(t_feat))
     s_feat = s_net.forward_features(x)
     s = Outputs(s_feat, s_net.forward_head(s_feat))
-    assert s_feat.shape[1:] != t_feat.shape[1:]
     terms = loss(s, t, y)
     assert set(terms) == {"kd", "ce", "fea"}
     assert torch.allclose(terms["ce"], F.cross_entropy(s.logits, y))
-    aligned = loss.align(s_feat)
-    assert aligned.shape == t_feat.shape
-    assert torch.allclose(terms["fea"], 30.0 * F.mse_loss(aligned, t_feat))
+    aligned = loss.align(maps["s"])
+    assert aligned.shape == maps["t"].shape and maps["s"].shape[1:] != maps["t"].shape[1:]
+    assert torch.allclose(terms["fea"], 30.0 * F.mse_loss(aligned, maps["t"]))
+    if teacher.startswith("wrn"):  # the WRN's block output before its final BN-ReLU, as the authors' fea[-2]
+        assert not torch.allclose(maps["t"], t_feat)
+    assert all(conv.bias is None for conv in loss.align if isinstance(conv, torch.nn.Conv2d))
     sum(terms.values()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.align.parameters())
     with pytest.raises(DfkdError):
@@ -228,3 +251,11 @@ def test_cmi_synthesis_with_csd_loss_runs(tmp_path, tiny_store):
     assert runner.pool.has_labels
     terms = read_metrics(tmp_path / "run" / METRICS)[-1]
     assert {"kd/kd", "kd/ce", "kd/fea"} <= set(terms)
+
+
+def test_the_csd_term_replaces_the_adversarial_term(tmp_path, tiny_store):
+    for csd, has_adv in ((10.0, False), (0.0, True)):
+        runner = tiny_runner("csd", tmp_path / str(csd), tiny_store,
+                             {"method.g_steps": 2, "method.adv": 0.5, "method.csd": csd})
+        runner.method.on_epoch_start(0, warmup=False)
+        assert ("adv" in _synthesize(runner).losses) is has_adv

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from dfkd_bench.losses import BNStatistics, adversarial_loss, bn_statistics_loss, kl_divergence, total_variation
+from dfkd_bench.losses import (
+    BNStatistics,
+    adversarial_loss,
+    bn_statistics_loss,
+    clamped_js_divergence,
+    kl_divergence,
+    total_variation,
+)
 
 
 def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,3 +220,16 @@ def test_total_variation_hand_computed_value():
     # a mean, so repeating the image along the batch does not change it
     assert total_variation(x.repeat(4, 3, 1, 1)).item() == pytest.approx(3.0)
     assert total_variation(torch.rand(2, 1, 8, 8)).item() > 0
+
+
+def test_clamped_js_divergence_matches_the_package_definition():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 4, generator=g) * 4, torch.randn(5, 4, generator=g) * 4
+    p, q = F.softmax(s / 3, 1), F.softmax(t / 3, 1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    kl_m_p = (m * (m.log() - p.log())).sum(1).mean()  # KL(M || P): M is the target, as in their F.kl_div call
+    kl_m_q = (m * (m.log() - q.log())).sum(1).mean()
+    assert torch.allclose(clamped_js_divergence(s, t, 3.0), 0.5 * kl_m_p + 0.5 * kl_m_q)
+    assert clamped_js_divergence(t, t, 3.0).abs() < 1e-6
+    assert clamped_js_divergence(s, t, 3.0) > 0

@@ -48,8 +48,9 @@ def test_float_images_are_quantized_to_uint8():
     assert images.dtype == torch.uint8 and labels is None and not pool.has_labels
     assert torch.equal(images[:6], pixels)
     assert images[6].unique().tolist() == [0] and images[7].unique().tolist() == [255]
-    assert torch.equal(quantize(torch.tensor([0.0, 0.4 / 255, 0.6 / 255, 1.0])), torch.tensor([0, 0, 1, 255],
-                                                                                             dtype=torch.uint8))
+    # truncated, as the reference code's astype('uint8') before writing PNG files
+    assert torch.equal(quantize(torch.tensor([0.0, 0.6 / 255, 1.6 / 255, 254.9 / 255, 1.0])),
+                       torch.tensor([0, 0, 1, 254, 255], dtype=torch.uint8))
 
 
 def test_a_pass_draws_every_image_once_and_ends_with_a_short_batch():

@@ -1,0 +1,134 @@
+"""The parity protocols: one CPU-sized setting per method, shared by both sides, defined once.
+
+Keys use the authors' flag names (``datafree_kd.py``), so the reference runner reads them as
+they are; :func:`ours_overrides` maps them onto dfkd-bench's ``--set`` keys. One synthesis
+round per epoch (their ``ep_steps == kd_steps``), so "round" and "epoch" coincide and the
+student is evaluated after every round. Every protocol has 15 rounds: about 15 minutes per run
+on either side with one thread on this project's 2-core machine (README.md, "Cost").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from dfkd_bench.errors import DfkdError
+
+# luoshiya/CSD, zju-vipa/Fast-Datafree, zju-vipa/CMI: the name a checkout is known by in results.
+REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI": "zju-vipa/CMI"}
+
+# What every protocol shares. Student SGD as in all three datafree_kd.py (momentum 0.9 hard-coded,
+# --wd default 1e-4, which none of the scripts used here overrides), cosine over the rounds to
+# lr_min (CSD: 320 and CMI: 290 anneal to 0); KL with --T 20 as their scripts; a generator of
+# nz 256, ngf 64 (datafree_kd.py builds Generator(nz=256, ngf=64, ...)).
+_COMMON: dict[str, Any] = {
+    "dataset": "fashion-mnist", "teacher": "wrn16_2", "student": "wrn16_1",
+    "rounds": 15, "batch_size": 128, "synth_batch_size": 128,
+    "lr": 0.1, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 1e-4, "T": 20.0, "warmup": 0, "loss": "kl",
+}
+_GENERATOR = {"nz": 256, "ngf": 64}
+
+# Fast-Datafree datafree_kd.py:324 anneals to eta_min 2e-4
+_FAST = {**_COMMON, **_GENERATOR, "g_steps": 5, "kd_steps": 100, "lr_min": 2e-4,
+         # Fast-Datafree scripts/fast_cifar.sh, WRN lines (Fast-5): lr_g 3e-3, lr_z 0.01, bn 10, oh 0.4, adv 1.1
+         "lr_g": 3e-3, "lr_z": 0.01, "bn": 10.0, "oh": 0.4, "adv": 1.1, "bn_mmt": 0.9}
+
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    # CSD scripts/csd/csd_cifar10_wrn402_wrn161.sh without the init bank; issue 8's round of 20
+    # synthesis and 50 student steps, over 15 rounds instead of 30
+    "csd": {**_COMMON, **_GENERATOR, "g_steps": 20, "kd_steps": 50, "loss": "csd",
+            "lr_g": 1e-3, "lr_z": 1e-3, "bn": 1.0, "oh": 1.0, "adv": 0.0, "csd": 10.0, "fea": 30.0, "ce": 1.0},
+    "fast": {**_FAST},
+    "fast_meta": {**_FAST, "is_maml": 1},
+    # CMI scripts/cmi/cmi_cifar10.sh (WRN-40-2 -> WRN-16-1), no init bank; bank sizes from CMI datafree_kd.py:276
+    "cmi": {**_COMMON, **_GENERATOR, "g_steps": 20, "kd_steps": 50,
+            "lr_g": 1e-3, "lr_z": 1e-3, "bn": 1.0, "oh": 1.0, "adv": 0.5, "cr": 0.8, "cr_T": 0.2,
+            "bank_size": 40960, "n_neg": 4096, "head_dim": 256},
+    # CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh; tv 0.001 and l2 0 from CMI datafree_kd.py:252
+    "deepinversion": {**_COMMON, "g_steps": 50, "kd_steps": 50,
+                      "lr_g": 0.1, "bn": 10.0, "oh": 1.0, "adv": 1.0, "tv": 1e-3, "l2": 0.0},
+}
+
+# The checkouts a method can run from: the first is the authors' own repository for that method.
+REFERENCES: dict[str, tuple[str, ...]] = {
+    "csd": ("CSD",),
+    "fast": ("Fast-Datafree",),
+    "fast_meta": ("Fast-Datafree",),
+    "cmi": ("CMI", "Fast-Datafree", "CSD"),
+    "deepinversion": ("CMI", "Fast-Datafree", "CSD"),
+}
+
+# Protocol key -> dfkd-bench run field (or method./loss. key); a tuple sets several keys to one value.
+_OUR_KEYS: dict[str, str | tuple[str, ...]] = {
+    "rounds": "epochs",
+    "kd_steps": ("ep_steps", "kd_steps"),  # one round per epoch
+    "batch_size": "batch_size", "synth_batch_size": "synth_batch_size",
+    "lr": "lr", "lr_min": "lr_min", "momentum": "momentum", "weight_decay": "weight_decay",
+    "T": "temperature", "warmup": "warmup_epochs",
+    "g_steps": "method.g_steps", "lr_g": "method.lr_g", "lr_z": "method.lr_z",
+    "nz": "method.nz", "ngf": "method.ngf",
+    "bn": "method.bn", "oh": "method.oh", "adv": "method.adv",
+    "csd": "method.csd", "fea": "loss.fea", "ce": "loss.ce",
+    "cr": "method.cr", "cr_T": "method.cr_T", "bank_size": "method.bank_size",
+    "n_neg": "method.n_negatives", "head_dim": "method.head_dim",
+    "bn_mmt": "method.bn_momentum", "tv": "method.tv", "l2": "method.l2",
+}
+# Protocol keys that become command-line options of `dfkd-bench run` instead of --set keys.
+CLI_KEYS = ("dataset", "teacher", "student", "loss")
+# Always set on our side: the same per-sample crop + flip their loaders apply (the dataset's train transform).
+_OUR_CONSTANTS = {"kd_augment": "true"}
+# The preset our side starts from; every key it sets is overridden (tests/test_parity.py checks it).
+OUR_PRESET = "quick"
+
+
+def protocol(method: str, rounds: int | None = None) -> dict[str, Any]:
+    """A copy of ``method``'s protocol, optionally with another number of rounds (smoke runs)."""
+    if method not in PROTOCOLS:
+        raise DfkdError(f"no parity protocol for '{method}'; choose from {', '.join(PROTOCOLS)}")
+    out = dict(PROTOCOLS[method])
+    if rounds is not None:
+        if rounds < 1:
+            raise DfkdError(f"--rounds must be positive, got {rounds}")
+        out["rounds"] = rounds
+    return out
+
+
+def protocol_sha(proto: dict[str, Any]) -> str:
+    """A short fingerprint of a protocol, so runs of different protocols are never averaged together."""
+    return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _our_value(key: str, value: Any) -> str:
+    if key == "is_maml":
+        return "maml" if value else "reptile"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def ours_overrides(proto: dict[str, Any]) -> dict[str, str]:
+    """The ``--set`` keys and values that express ``proto`` on dfkd-bench's runner."""
+    out = dict(_OUR_CONSTANTS)
+    for key, value in proto.items():
+        if key in CLI_KEYS:
+            continue
+        if key == "is_maml":
+            out["method.meta"] = _our_value(key, value)
+            continue
+        if key not in _OUR_KEYS:
+            raise DfkdError(f"protocol key '{key}' has no dfkd-bench equivalent in benchmarks/parity/protocols.py")
+        targets = _OUR_KEYS[key]
+        for target in (targets,) if isinstance(targets, str) else targets:
+            out[target] = _our_value(key, value)
+    return out
+
+
+def ours_command(method: str, proto: dict[str, Any], seed: int, output: str, name: str,
+                 teacher_store: str, extra_sets: dict[str, str] | None = None) -> list[str]:
+    """The ``dfkd-bench run`` arguments (after the program name) for one run of our side."""
+    args = ["run", "--method", method, "--preset", OUR_PRESET, "--seed", str(seed),
+            "--dataset", proto["dataset"], "--teacher", proto["teacher"], "--student", proto["student"],
+            "--loss", proto["loss"], "--device", "cpu", "--teacher-store", teacher_store,
+            "--output", output, "--name", name]
+    for key, value in {**ours_overrides(proto), **(extra_sets or {})}.items():
+        args += ["--set", f"{key}={value}"]
+    return args

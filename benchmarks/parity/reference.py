@@ -1,0 +1,242 @@
+"""The authors' side: their synthesizer classes, imported from a checkout, run in their loop order.
+
+Their ``datafree_kd.py`` parses ``sys.argv`` at import, so its ``main_worker`` and ``train``
+cannot be imported; :func:`run_reference` follows them step by step instead, citing the lines
+(``CSD:``, ``Fast:`` and ``CMI:`` name the three repositories' ``datafree_kd.py``). Logging,
+TensorBoard, checkpoints and sample grids are left out: they do not touch the math. The
+evaluation is dfkd-bench's own, so both sides are scored by the same code.
+
+Each run is its own process, because all three repositories ship a package named ``datafree``:
+
+    python -m benchmarks.parity.reference JOB.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import PIL
+import torch
+import torch.nn.functional as F
+
+from dfkd_bench.data import Normalizer, evaluate, get_dataset
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.runtime import atomic_write_json, seed_everything, versions
+from dfkd_bench.teachers import load_teacher
+from dfkd_bench.zoo import create_model
+
+from . import shims
+from .protocols import REFERENCES, REPOS
+
+DEVICE = "cpu"
+
+
+def checkout_identity(checkout: Path) -> dict[str, Any]:
+    """Which code ran: the repository, its git commit when the checkout is a git work tree, and a
+    sha256 over its ``datafree`` sources (which also identifies an unpacked archive)."""
+    checkout = Path(checkout).resolve()
+    repo = shims.detect_repo(checkout)
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    digest = hashlib.sha256()
+    for path in sorted((checkout / "datafree").rglob("*.py")):
+        digest.update(str(path.relative_to(checkout)).encode())
+        digest.update(path.read_bytes())
+    return {"repo": repo, "github": REPOS[repo], "path": str(checkout), "commit": commit,
+            "sources_sha256": digest.hexdigest()}
+
+
+def check_supported(method: str, repo: str, proto: dict[str, Any]) -> None:
+    """Refuse a protocol the authors' code cannot express (it would silently run something else)."""
+    if repo not in REFERENCES[method]:
+        wanted = " or ".join(REPOS[r] for r in REFERENCES[method])
+        raise DfkdError(f"method '{method}' runs from a checkout of {wanted}, not {REPOS[repo]}")
+    if proto["warmup"] and method not in ("fast", "fast_meta"):
+        raise DfkdError(f"only Fast's synthesizers know a warm-up (their adversarial term waits for it); "
+                        f"set warmup 0 for '{method}'")
+    if proto["momentum"] != 0.9:
+        raise DfkdError("their student SGD hard-codes momentum 0.9 (datafree_kd.py: SGD(..., momentum=0.9))")
+    if proto["loss"] != ("csd" if method == "csd" else "kl"):
+        raise DfkdError(f"their loop pairs '{method}' with its own loss only, not '{proto['loss']}'")
+    if method == "csd" and proto["ce"] != 1.0:
+        raise DfkdError("CSD's student loss hard-codes the CE weight 1 (CSD datafree_kd.py:437)")
+    if "lr_z" in proto and method in ("csd", "cmi") and proto["lr_z"] != proto["lr_g"]:
+        raise DfkdError(f"{method}'s synthesizer optimizes z at lr_g (one Adam lr); lr_z must equal lr_g")
+
+
+def train_transform(spec) -> Callable:
+    """The dataset's train transform their loaders apply to pool PNGs: as their registry.py builds it
+    for CIFAR-10 (RandomCrop(size, padding=4), RandomHorizontalFlip, ToTensor, Normalize), at our size."""
+    import torchvision.transforms as T
+
+    return T.Compose([T.RandomCrop(spec.image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(spec.mean, spec.std)])
+
+
+def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str, Any], normalizer, transform,
+                      pool_dir: Path):
+    """Their synthesizer for ``method`` with the arguments their datafree_kd.py passes (protocol values
+    where the protocol has the flag)."""
+    img_size = spec.image_shape
+    common = dict(num_classes=spec.num_classes, img_size=img_size, synthesis_batch_size=p["synth_batch_size"],
+                  sample_batch_size=p["batch_size"], save_dir=str(pool_dir), transform=transform,
+                  normalizer=normalizer, device=DEVICE)
+    if method == "deepinversion":  # CMI: 248-254, Fast: 257-263, CSD: 259-265
+        return datafree.synthesis.DeepInvSyntheiszer(
+            teacher=teacher, student=student, iterations=p["g_steps"], lr_g=p["lr_g"],
+            adv=p["adv"], bn=p["bn"], oh=p["oh"], tv=p["tv"], l2=p["l2"], **common)
+    # CSD: 294, Fast: 293/306, CMI: 268
+    generator = datafree.models.generator.Generator(nz=p["nz"], ngf=p["ngf"], img_size=spec.image_size,
+                                                    nc=spec.channels)
+    if method == "cmi":  # CMI: 273-281 (Fast: 282-290 adds feature_reuse=False, its default)
+        return datafree.synthesis.CMISynthesizer(
+            teacher, student, generator, nz=p["nz"], feature_layers=None, bank_size=p["bank_size"],
+            n_neg=p["n_neg"], head_dim=p["head_dim"], init_dataset=None, iterations=p["g_steps"],
+            lr_g=p["lr_g"], progressive_scale=False, adv=p["adv"], bn=p["bn"], oh=p["oh"], cr=p["cr"],
+            cr_T=p["cr_T"], **common)
+    if method in ("fast", "fast_meta"):  # Fast: 295-303 and 308-316
+        cls = datafree.synthesis.FastSynthesizer if method == "fast" else datafree.synthesis.FastMetaSynthesizer
+        return cls(teacher, student, generator, nz=p["nz"], init_dataset=None, iterations=p["g_steps"],
+                   warmup=p["warmup"], lr_g=p["lr_g"], lr_z=p["lr_z"], adv=p["adv"], bn=p["bn"], oh=p["oh"],
+                   reset_l0=0, reset_bn=0, bn_mmt=p["bn_mmt"], is_maml=p.get("is_maml", 1), **common)
+    if method == "csd":  # CSD: 302-306
+        return datafree.synthesis.CSDSynthesizer(
+            teacher=teacher, student=student, generator=generator, nz=p["nz"], init_dataset=None,
+            iterations=p["g_steps"], lr_g=p["lr_g"], lr=p["lr"], epochs=p["rounds"], adv=p["adv"], csd=p["csd"],
+            bn=p["bn"], oh=p["oh"], dataset=spec.name, **common)
+    raise DfkdError(f"the reference runner does not know method '{method}'")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, p: dict[str, Any]):
+    """Their cosine schedule, from the protocol. CSD: 320 and CMI: 290 anneal over --epochs to 0.
+    Fast: 324 hard-codes T_max=200 and eta_min=2e-4; 200 is --epochs minus --warmup in all its
+    scripts (220 - 20), so T_max is rounds minus warm-up (the protocol's lr_min holds the 2e-4)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, p["rounds"] - p["warmup"]),
+                                                      eta_min=p["lr_min"])
+
+
+def train(synthesizer, student, teacher, criterion, optimizer, kd_steps: int, alignhead=None, fea: float = 0.0):
+    """Their ``train()``: CSD: 415-452, Fast: 408-437, CMI: 369-393 (metrics and printing left out)."""
+    student.train()
+    teacher.eval()
+    for _ in range(kd_steps):
+        if alignhead is not None:  # CSD: 424-427, the pool's labels come with the images
+            images, targets = synthesizer.sample()
+        else:
+            images = synthesizer.sample()
+        with torch.no_grad():
+            t_out, t_feat = teacher(images, return_features=True)
+        if alignhead is not None:  # CSD: 435-437, feature maps f3 through the align head
+            s_out, s_feat = student(images.detach(), return_features=True)
+            loss_s = (criterion(s_out, t_out.detach()) + F.cross_entropy(s_out, targets)
+                      + fea * F.mse_loss(alignhead(s_feat[-2]), t_feat[-2]))
+        else:
+            s_out = student(images.detach())
+            loss_s = criterion(s_out, t_out.detach())
+        optimizer.zero_grad()
+        loss_s.backward()
+        optimizer.step()
+        if alignhead is not None:  # CSD: 451-452, one step of the auxiliary head after every student step
+            synthesizer.train_head()
+
+
+def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``job`` (method, protocol, seed, checkout, work_dir, teacher_store) and return its result record."""
+    method, p, seed = job["method"], job["protocol"], int(job["seed"])
+    checkout = Path(job["checkout"]).resolve()
+    identity = checkout_identity(checkout)
+    repo = identity["repo"]
+    check_supported(method, repo, p)
+    pool_dir = Path(job["work_dir"]).resolve() / "pool"
+    shutil.rmtree(pool_dir, ignore_errors=True)  # their ImagePool appends to whatever the folder holds
+    started = time.time()
+    with shims.installed(checkout) as applied:
+        datafree = importlib.import_module("datafree")
+        importlib.import_module("datafree.models.generator")
+        spec = get_dataset(p["dataset"])
+        # Their main(): random.seed + torch.manual_seed (CSD: 131-133). Teacher before student, as
+        # dfkd-bench's Runner builds them, so a seed gives the same initial student on both sides.
+        seed_everything(seed)
+        teacher, teacher_meta = load_teacher(spec, p["teacher"], Path(job["teacher_store"]))
+        student = create_model(p["student"], spec.num_classes, spec.channels, spec.image_size)
+        teacher.requires_grad_(True)  # their teacher is never frozen (CSD: 245), only kept in eval mode
+        teacher = shims.ClassifierInterface(teacher).to(DEVICE).eval()
+        student = shims.ClassifierInterface(student).to(DEVICE)
+        normalizer = datafree.utils.Normalizer(mean=spec.mean, std=spec.std)  # CSD: 246
+        criterion = datafree.criterions.KLDiv(T=p["T"])  # CSD: 250
+        alignhead = None
+        if method == "csd":  # CSD: 296-301, the align head maps the student's f3 onto the teacher's
+            data = torch.randn(2, *spec.image_shape, device=DEVICE)
+            teacher.eval()
+            student.eval()
+            _, fea_t = teacher(data, return_features=True)
+            _, fea_s = student(data, return_features=True)
+            alignhead = datafree.utils.AlignHead(fea_s[-2].shape, fea_t[-2].shape).to(DEVICE)
+        synthesizer = build_synthesizer(datafree, method, teacher, student, spec, p, normalizer,
+                                        train_transform(spec), pool_dir)
+        if alignhead is not None:  # CSD: 314-317
+            params = [{"params": student.parameters()}, {"params": alignhead.parameters()}]
+        else:
+            params = student.parameters()
+        optimizer = torch.optim.SGD(params, p["lr"], weight_decay=p["weight_decay"], momentum=0.9)
+        scheduler = make_scheduler(optimizer, p)
+        test_x, test_y = spec.load("test")
+        eval_norm = Normalizer(spec.mean, spec.std)
+        rounds = []
+        for epoch in range(p["rounds"]):  # CSD: 362, Fast: 366, CMI: 332; ep_steps // kd_steps == 1 round
+            lr = optimizer.param_groups[0]["lr"]
+            t0, c0 = time.time(), time.process_time()
+            synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339
+            if method == "csd":
+                synthesizer.reset_head()  # CSD: 370-371, before the student steps
+            t1, c1 = time.time(), time.process_time()
+            distill = epoch >= p["warmup"]  # Fast: 373 (CSD and CMI have no warm-up)
+            if distill:
+                train(synthesizer, student, teacher, criterion, optimizer, p["kd_steps"], alignhead, p.get("fea", 0.0))
+            t2, c2 = time.time(), time.process_time()
+            acc = evaluate(student, test_x, test_y, eval_norm, torch.device(DEVICE))  # CSD: 381-389
+            t3 = time.time()
+            if distill:  # CSD: 393 and CMI: 351 step every epoch; Fast: 399-400 only after the warm-up
+                scheduler.step()
+            rounds.append({"round": epoch + 1, "acc": round(acc, 4), "lr": lr, "synth_seconds": round(t1 - t0, 3),
+                           "distill_seconds": round(t2 - t1, 3), "eval_seconds": round(t3 - t2, 3),
+                           # CPU seconds of each phase: what a busy machine does not inflate
+                           "synth_cpu_seconds": round(c1 - c0, 3), "distill_cpu_seconds": round(c2 - c1, 3)})
+            echo(f"round {epoch + 1}/{p['rounds']}: acc {acc:.2f}%, synthesis {t1 - t0:.1f}s, "
+                 f"distillation {t2 - t1:.1f}s")
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    return {
+        "status": "complete", "reference": identity, "shims": applied, "rounds": rounds,
+        "teacher": {k: teacher_meta.get(k) for k in ("arch", "path", "sha256", "test_accuracy")},
+        "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 2),
+        "versions": {**versions(), "pillow": PIL.__version__},
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m benchmarks.parity.reference JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    try:
+        result = run_reference(job, echo=lambda line: print(line, flush=True))
+    except DfkdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(Path(argv[1]), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,171 @@
+"""What the authors' code needs to run here (CPU, 1-channel 28 px images, today's libraries),
+and nothing more: device and I/O plumbing, never a method's math.
+
+Every shim is undone when :func:`installed` exits, and the ones that applied are reported,
+so a result says exactly how the reference code was run. README.md lists them with reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.data
+
+from dfkd_bench.errors import DfkdError
+
+# The files that tell the three repositories apart (each also ships datafree/synthesis/contrastive.py).
+_MARKERS = (("CSD", "datafree/synthesis/csd.py"), ("Fast-Datafree", "datafree/synthesis/fast.py"),
+            ("CMI", "datafree/synthesis/contrastive.py"))
+
+
+def detect_repo(checkout: Path) -> str:
+    """Which authors' repository ``checkout`` is: 'CSD', 'Fast-Datafree' or 'CMI'."""
+    checkout = Path(checkout)
+    if not (checkout / "datafree" / "__init__.py").is_file():
+        raise DfkdError(f"{checkout} is not a checkout of the authors' code (no datafree/__init__.py); "
+                        "git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, zju-vipa/CMI)")
+    if (checkout / "datafree/synthesis/nayer.py").is_file():  # NAYER also ships fast.py, but is not covered
+        raise DfkdError(f"{checkout} is a NAYER checkout; the parity harness covers CSD, Fast-Datafree and CMI")
+    for name, marker in _MARKERS:
+        if (checkout / marker).is_file():
+            return name
+    raise DfkdError(f"{checkout} has a datafree package but none of {', '.join(m for _, m in _MARKERS)}")
+
+
+class ClassifierInterface(nn.Module):
+    """Shim: a dfkd-bench zoo Wide ResNet behind the authors' classifier signature.
+
+    ``forward(x, return_features=True)`` returns ``(logits, [f1, f2, f3, f4])`` with the meaning
+    of their WideResNet (CSD datafree/models/classifiers/wresnet.py:84-101): f1..f3 the outputs
+    of the three groups (f3 before the final BN-ReLU), f4 the globally pooled features. Both
+    sides thus train the very same network objects and weights.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        missing = [a for a in ("conv1", "block1", "block2", "block3", "bn_final", "fc") if not hasattr(model, a)]
+        if missing:
+            raise DfkdError(f"the parity harness needs a zoo Wide ResNet (wrn*), got {type(model).__name__}")
+        self.model = model
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        m = self.model
+        f1 = m.block1(m.conv1(x))
+        f2 = m.block2(f1)
+        f3 = m.block3(f2)
+        f4 = m.forward_head(F.relu(m.bn_final(f3)), pre_logits=True)
+        logits = m.fc(f4)
+        return (logits, [f1, f2, f3, f4]) if return_features else logits
+
+
+class _PILFor1Channel:
+    """PIL.Image as the authors' save_image_batch uses it, except that a (H, W, 1) array becomes
+    a grayscale 'L' image (Pillow refuses that shape; their code only ever wrote RGB)."""
+
+    def __init__(self, image_module: types.ModuleType):
+        self._image = image_module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._image, name)
+
+    def fromarray(self, array: np.ndarray, *args: Any, **kwargs: Any):
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        return self._image.fromarray(array, *args, **kwargs)
+
+
+def _clip_images(image_tensor: torch.Tensor, mean, std) -> torch.Tensor:
+    """The authors' clip_images (datafree/utils/_utils.py:83) over every channel instead of a
+    hard-coded three: each channel clamped to the normalized image of [0, 1], in place."""
+    for c, (m, s) in enumerate(zip(mean, std)):
+        image_tensor[:, c] = torch.clamp(image_tensor[:, c], -m / s, (1 - m) / s)
+    return image_tensor
+
+
+class _SerialDataLoader(torch.utils.data.DataLoader):
+    """DataLoader with num_workers=0 and no pinned memory: their synthesizers hard-code
+    ``num_workers=4, pin_memory=True``, which on a shared 2-core CPU box only adds processes."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["num_workers"] = 0
+        kwargs["pin_memory"] = False
+        super().__init__(*args, **kwargs)
+
+
+class _Patches:
+    """Attribute patches that are all undone, in reverse order, on exit."""
+
+    def __init__(self):
+        self._undo: list[tuple[Any, str, Any]] = []
+        self.applied: list[str] = []
+
+    def set(self, obj: Any, attr: str, value: Any, name: str) -> None:
+        self._undo.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+        if name not in self.applied:
+            self.applied.append(name)
+
+    def undo(self) -> None:
+        for obj, attr, old in reversed(self._undo):
+            setattr(obj, attr, old)
+        self._undo.clear()
+
+
+def _missing(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def installed(checkout: Path) -> Iterator[list[str]]:
+    """Put ``checkout`` first on ``sys.path``, install the shims and yield the names of those
+    that applied; on exit, restore everything and forget the imported ``datafree`` package."""
+    checkout = Path(checkout).resolve()
+    patches = _Patches()
+    added_modules: list[str] = []
+    saved_path = list(sys.path)
+    before = set(sys.modules)
+    try:
+        if _missing("termcolor"):  # their logger's colours; the harness never logs through it
+            stub = types.ModuleType("termcolor")
+            stub.colored = lambda text, *args, **kwargs: text
+            sys.modules["termcolor"] = stub
+            added_modules.append("termcolor")
+            patches.applied.append("termcolor")
+        if _missing("torchvision.models.utils"):  # removed in torchvision 0.13; torch.hub has the same function
+            stub = types.ModuleType("torchvision.models.utils")
+            stub.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+            sys.modules["torchvision.models.utils"] = stub
+            added_modules.append("torchvision.models.utils")
+            patches.applied.append("torchvision.models.utils")
+        # unconditional .cuda() calls (Fast-Datafree's generator clone, meta-gradients): the protocol runs on CPU
+        patches.set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
+        patches.set(nn.Module, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
+        patches.set(torch.utils.data, "DataLoader", _SerialDataLoader, "dataloader-workers-0")
+        sys.path.insert(0, str(checkout))
+        importlib.import_module("datafree")
+        utils_mod = sys.modules.get("datafree.utils._utils")
+        if utils_mod is not None and hasattr(utils_mod, "Image"):
+            patches.set(utils_mod, "Image", _PILFor1Channel(utils_mod.Image), "png-1-channel")
+        di_mod = sys.modules.get("datafree.synthesis.deepinversion")
+        if di_mod is not None and hasattr(di_mod, "clip_images"):
+            patches.set(di_mod, "clip_images", _clip_images, "clip-images-any-channels")
+        yield patches.applied
+    finally:
+        patches.undo()
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - before:
+            if name == "datafree" or name.startswith("datafree.") or name in added_modules:
+                del sys.modules[name]
