@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -25,21 +27,26 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-class _Group(click.Group):
+@contextlib.contextmanager
+def _user_errors():
     """Turns the user's errors into one line and exit code 2, never a traceback."""
+    try:
+        yield
+    except DfkdError as exc:  # the message is text, never rich markup ("dfkd-bench[ray]")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except DataAccessError as exc:
+        err_console.print(f"[bold red]method error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; results written so far are kept")
+        sys.exit(130)
 
+
+class _Group(click.Group):
     def invoke(self, ctx: click.Context):
-        try:
+        with _user_errors():
             return super().invoke(ctx)
-        except DfkdError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
-        except DataAccessError as exc:
-            err_console.print(f"[bold red]method error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            err_console.print("interrupted; results written so far are kept")
-            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,11 +113,17 @@ class _RichReporter:
 @click.option("--teacher-store", type=click.Path(path_type=Path), default=None,
               help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
 @click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+@click.option("--ddp", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Data-parallel in N local processes (gloo on CPU, NCCL on CUDA), as "
+                   "`torchrun --nproc_per_node=N -m dfkd_bench run ...` does.")
 def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, budgets, output, name,
-        resume_dir, init_bank, teacher_store, device) -> None:
+        resume_dir, init_bank, teacher_store, device, ddp) -> None:
     """Run one method under the shared protocol and write a run folder."""
     from .config import parse_assignments
 
+    if ddp:
+        return _spawn_ranks(ddp)
+    _join_process_group(device)
     overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     if resume_dir is not None and not (Path(resume_dir) / "config.json").is_file():
         raise DfkdError(f"nothing to resume: {Path(resume_dir) / 'config.json'} does not exist")
@@ -123,6 +136,34 @@ def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignmen
     stop = f" (stopped by budget {summary['reason']})" if summary["status"] == "budget" else ""
     console.print(f"final (last-epoch) student accuracy {summary['final_acc']:.2f}%, teacher "
                   f"{summary['teacher_acc']:.2f}%, {summary['images']} images, {summary['total_seconds']:.0f}s{stop}")
+
+
+def _join_process_group(device: str | None) -> None:
+    """Under torchrun (or --ddp), join the run's process group for this command; only rank 0 prints."""
+    from .distributed import is_main_process, process_group_from_env
+
+    click.get_current_context().with_resource(process_group_from_env(device))
+    if not is_main_process():
+        console.quiet = err_console.quiet = True
+
+
+def _spawn_ranks(nprocs: int) -> None:
+    """``run --ddp N``: this command, without --ddp, in N processes forming one process group."""
+    from .distributed import spawn
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DfkdError("--ddp starts its own processes; under torchrun, leave it out")
+    ctx = click.get_current_context()
+    spawn(nprocs, _run_rank, ctx.find_root().params["plugins"], {**ctx.params, "ddp": None})
+
+
+def _run_rank(plugins: tuple[str, ...], params: dict) -> None:
+    """One process of ``run --ddp N`` (started by ``spawn``: a fresh interpreter)."""
+    from .registry import load_plugins
+
+    with _user_errors(), click.Context(cli) as ctx:
+        load_plugins(plugins)
+        ctx.invoke(run, **params)
 
 
 BUDGET_FIELDS = {"images": ("max_images", int), "teacher_passes": ("max_teacher_passes", int),
@@ -315,29 +356,62 @@ def _csv_list(value: str, cast=str) -> list:
 @click.option("--output", type=click.Path(path_type=Path), default=Path("results/runs"), show_default=True)
 @click.option("--teacher-store", type=click.Path(path_type=Path), default=None)
 @click.option("--device", default=None)
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one run after another in this process; ray: each run a Ray task (pip install "
+                   "'dfkd-bench[ray]'; the nodes must share --output).")
+@click.option("--address", default=None, help="Ray cluster: auto, or ray://host:port (default: a local instance).")
+@click.option("--cpus-per-run", type=click.IntRange(min=1), default=None, help="Ray: CPUs per run [1].")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None, help="Ray: GPUs per run [0].")
 def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignments, budgets, output,
-          teacher_store, device) -> None:
-    """Run a grid of methods x seeds one after another; finished runs are skipped, interrupted ones resume."""
+          teacher_store, device, backend, address, cpus_per_run, gpus_per_run) -> None:
+    """Run a grid of methods x seeds (one after another, or on Ray), then print the compare table;
+    finished runs are skipped, interrupted ones resume."""
     from .config import parse_assignments, resolve_config
 
     names = _csv_list(method_list)
     seed_list = _csv_list(seeds, int)
     overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
+    if backend == "local" and (address, cpus_per_run, gpus_per_run) != (None, None, None):
+        raise DfkdError("--address, --cpus-per-run and --gpus-per-run need --backend ray")
     for name in names:  # every config must resolve before anything runs
         resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, dataset=dataset,
                        teacher=teacher, student=student, device=device)
-    failed = 0
-    for name in names:
-        for seed in seed_list:
-            fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, device=device)
+    grid = [(name, dict(dataset=dataset, teacher=teacher, student=student, seed=seed, device=device))
+            for name in names for seed in seed_list]
+    if backend == "ray":
+        failed = _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run or 1,
+                               gpus_per_run or 0.0)
+    else:
+        failed = 0
+        for name, fields in grid:
             summary, run_dir = _execute(name, preset, fields, overrides, loss, output, None, None, teacher_store)
             if summary["status"] == "failed":
                 failed += 1
                 err_console.print(f"[bold red]failed:[/] {run_dir}: {summary['reason']}")
             else:
                 console.print(f"{run_dir.name}: {summary['final_acc']:.2f}%")
+    if failed < len(grid):
+        click.get_current_context().invoke(compare, root=output)
     if failed:
         sys.exit(1)
+
+
+def _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run, gpus_per_run) -> int:
+    """The sweep's runs as Ray tasks (dfkd_bench.backends). Returns how many failed."""
+    from .backends import RunRequest, import_ray, run_on_ray
+    from .config import resolve_config
+    from .teachers import default_store
+
+    import_ray()  # a missing extra is reported before anything else
+    # absolute paths: a worker's working directory is not this one
+    output, teacher_store = Path(output).resolve(), Path(teacher_store or default_store()).resolve()
+    requests = []
+    for name, fields in grid:
+        cfg, _, _ = resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
+        requests.append(RunRequest(name, preset, fields, overrides, loss, output, teacher_store,
+                                   output / default_run_name(cfg), cfg.to_dict()))
+    plugins = click.get_current_context().find_root().params["plugins"]
+    return run_on_ray(requests, plugins, address, cpus_per_run, gpus_per_run, console.print)
 
 
 # ---------------------------------------------------------------- teacher

@@ -16,6 +16,8 @@ from typing import Any
 from .errors import DfkdError
 from .registry import LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
 
+AMP_DTYPES = ("float16", "bfloat16")
+
 
 @dataclass
 class RunConfig:
@@ -48,7 +50,10 @@ class RunConfig:
     max_teacher_passes: int = 0
     max_seconds: float = 0.0
     device: str = "auto"
-    amp: bool = True  # autocast on CUDA; a no-op on CPU
+    amp: bool = True  # autocast on CUDA; on CPU only with amp_cpu
+    amp_dtype: str = "float16"  # autocast dtype; float16 also scales the loss (GradScaler), bfloat16 needs no scaler
+    amp_cpu: bool = False  # autocast on CPU too: the AMP code path without a GPU (for tests; slower than float32)
+    sync_bn_stats: bool = False  # data-parallel runs: BN-statistics losses on the global batch, not each rank's
     eval_batch_size: int = 512
     teacher_checkpoint: str = ""  # explicit teacher file instead of the store
     method_cfg: dict[str, Any] = field(default_factory=dict)
@@ -197,5 +202,7 @@ def validate(cfg: RunConfig) -> None:
         raise DfkdError(f"lr_min ({cfg.lr_min}) must not exceed lr ({cfg.lr})")
     if not math.isfinite(cfg.max_seconds):
         raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
+    if cfg.amp_dtype not in AMP_DTYPES:
+        raise DfkdError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got '{cfg.amp_dtype}'")
     if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:
         raise DfkdError(f"warmup_epochs ({cfg.warmup_epochs}) must be below epochs ({cfg.epochs})")

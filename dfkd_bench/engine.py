@@ -26,12 +26,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .augment import crop_flip
 from .config import RunConfig
-from .data import DatasetSpec, Normalizer, evaluate, get_dataset, sealed, to_unit
+from .data import DatasetSpec, Normalizer, get_dataset, sealed, to_unit
 from .errors import DfkdError
 from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
-from .pool import PassSampler, SamplePool, quantize
+from .pool import SamplePool, quantize
 from .registry import LOSSES, SYNTHESIZERS
 from .rundir import POOL, Counters, RunFolder, budget_reached, timestamp
 from .runtime import device_name, git_commit, rng_state, seed_everything, select_device, set_rng_state, versions
@@ -70,6 +71,19 @@ def _mean_terms(acc: dict[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in acc.items() if v}
 
 
+class StudentLoss(nn.Module):
+    """The student's forward pass and the distillation loss as one module: what a student step
+    differentiates, so that one DistributedDataParallel wrapper also covers the loss's own parameters."""
+
+    def __init__(self, student: nn.Module, loss_fn: DistillLoss):
+        super().__init__()
+        self.student, self.loss_fn = student, loss_fn
+
+    def forward(self, x: torch.Tensor, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        s_feat = self.student.forward_features(x)
+        return self.loss_fn(Outputs(s_feat, self.student.forward_head(s_feat)), t, y)
+
+
 class Runner:
     """Runs one (method, dataset, teacher, student, seed) under the shared protocol."""
 
@@ -77,12 +91,16 @@ class Runner:
                  teacher_store: Path | None = None, reporter: Reporter | None = None):
         self.cfg, self.method_cfg, self.loss_cfg = cfg, method_cfg, loss_cfg
         self.run_dir = Path(run_dir)
-        self.folder = RunFolder(self.run_dir)
+        self.ranks = distributed.for_run()  # one process, or this rank's view of a data-parallel run
+        self.folder = self.ranks.folder(RunFolder(self.run_dir))
         self.reporter = reporter or SilentReporter()
         self.spec: DatasetSpec = get_dataset(cfg.dataset)
-        self.device = select_device(cfg.device)
-        self.amp = cfg.amp and self.device.type == "cuda"
-        self.folder.check_config(cfg.to_dict())
+        self.device = self.ranks.device(select_device(cfg.device))
+        self.rank_batch_size = self.ranks.share(cfg.batch_size, "batch_size")
+        # autocast on CUDA; on CPU only when asked (amp_cpu), so the AMP path can be tested without a GPU
+        self.amp = cfg.amp and (self.device.type == "cuda" or cfg.amp_cpu)
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict())
         seed_everything(cfg.seed)
         spec = self.spec
         self.teacher, self.teacher_meta = load_teacher(spec, cfg.teacher, teacher_store,
@@ -98,11 +116,14 @@ class Runner:
         self.normalizer = Normalizer(spec.mean, spec.std).to(self.device)
         self.test_x, self.test_y = spec.load("test")
         if self.teacher_meta.get("test_accuracy") is None:
-            self.teacher_meta["test_accuracy"] = evaluate(self.teacher, self.test_x, self.test_y, self.normalizer,
-                                                          self.device, cfg.eval_batch_size)
-        ctx = SynthContext(self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer,
-                           self.device, cfg.synth_batch_size, self.amp, class_names=spec.class_names, lr=cfg.lr,
-                           warmup_epochs=cfg.warmup_epochs)
+            self.teacher_meta["test_accuracy"] = self.ranks.evaluate(self.teacher, self.test_x, self.test_y,
+                                                                     self.normalizer, self.device, cfg.eval_batch_size)
+        if cfg.sync_bn_stats:
+            self.ranks.sync_bn_statistics(self.teacher)
+        ctx = SynthContext(self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer, self.device,
+                           self.ranks.share(cfg.synth_batch_size, "synth_batch_size"), self.amp,
+                           class_names=spec.class_names, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
+                           amp_dtype=self.amp_dtype)
         with sealed():
             self.method: Synthesizer = method_cls(ctx, method_cfg).to(self.device)
         self.loss_fn: DistillLoss = LOSSES.get(cfg.loss)(
@@ -111,15 +132,17 @@ class Runner:
         if self.loss_fn.needs_labels and not method_cls.uses_labels:
             raise DfkdError(f"loss '{cfg.loss}' needs labels, but method '{cfg.method}' does not keep them")
         params = list(self.student.parameters()) + list(self.loss_fn.parameters())
+        self.student_loss = StudentLoss(self.student, self.loss_fn)
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         kd_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs,
                                                                     eta_min=cfg.lr_min)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        # loss scaling only for float16: bfloat16 has float32's exponent range
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
         self.augment = crop_flip(spec.image_size).to(self.device) if cfg.kd_augment else nn.Identity()
         self.pool = SamplePool(cfg.pool_in_memory, self.run_dir / "pool_spill" if cfg.pool_in_memory else None)
         self.sampler = torch.Generator().manual_seed(cfg.seed)
-        self.batches = PassSampler(self.sampler)
+        self.batches = self.ranks.pass_sampler(self.sampler)
         self.fresh = method_cls.batch_source == "fresh"
         self.last_fresh: torch.Tensor | None = None  # a "fresh" method's last batch, for samples.png
         self.counters = Counters()
@@ -131,6 +154,9 @@ class Runner:
             self.pool.add(*spec.load(method_cls.real_data_split))
         if cfg.init_bank:
             self._load_init_bank(Path(cfg.init_bank))
+        if self.trains_student:
+            self.student_loss = self.ranks.wrap(self.student_loss)  # DistributedDataParallel across ranks
+        self.ranks.seed(cfg.seed)  # every rank built the same models; from here on each draws its own stream
         self.folder.write_config(cfg.to_dict())  # only once every input has been checked: a typo leaves no folder
 
     # ------------------------------------------------------------ the protocol
@@ -177,7 +203,7 @@ class Runner:
                 self.counters.distill_seconds += time.time() - t0
             self._check_weights()
             self.reporter.round_done(epoch, round_, {k: v[-1] for k, v in terms.items() if v})
-            stop = budget_reached(cfg, self.counters, time.time() - self._session_start)
+            stop = self.ranks.agree(budget_reached(cfg, self.counters, time.time() - self._session_start))
             if stop:
                 break
         if distill and self.trains_student:
@@ -192,6 +218,7 @@ class Runner:
         t0 = time.time()
         with sealed():
             batch = self.method.synthesize()
+        batch = self.ranks.gather(batch)  # every rank's share, so all ranks pool the same images
         self.counters.synth_seconds += time.time() - t0
         if not torch.isfinite(batch.images).all():
             raise NonFiniteError("the synthesizer produced non-finite images")
@@ -212,29 +239,28 @@ class Runner:
         if self.fresh:
             images, labels = self._fresh_batch()  # floats in [0, 1], on the device
         else:
-            images, labels = self.batches.next_batch(self.pool, self.cfg.batch_size)
+            images, labels = self.batches.next_batch(self.pool, self.rank_batch_size)
             images = to_unit(images.to(self.device))
         x = self.normalizer(self.augment(images))
         y = labels.to(self.device) if labels is not None else None
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             with torch.no_grad():
                 t_feat = self.teacher.forward_features(x)
                 t = Outputs(t_feat, self.teacher.forward_head(t_feat))
-            s_feat = self.student.forward_features(x)
-            s = Outputs(s_feat, self.student.forward_head(s_feat))
-            parts = self.loss_fn(s, t, y)
+            parts = self.student_loss(x, t, y)
         loss = sum(parts.values())
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"distillation loss is {loss.item()} ({', '.join(parts)})")
+        total, *values = self.ranks.mean([loss, *parts.values()])  # over ranks, so all of them stop alike
+        if not math.isfinite(total):
+            raise NonFiniteError(f"distillation loss is {total} ({', '.join(parts)})")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        for k, v in parts.items():
-            terms[f"kd/{k}"].append(v.item())
+        for k, v in zip(parts, values):
+            terms[f"kd/{k}"].append(v)
         with sealed():
             extra = self.method.after_student_step(x, y)
-        for k, v in extra.items():
+        for k, v in zip(extra, self.ranks.mean(list(extra.values()))):
             terms[f"kd/{k}"].append(v)
         self.counters.kd_steps += 1
 
@@ -242,11 +268,13 @@ class Runner:
         """A "fresh" method's batch for one student step; its time and images count as synthesis."""
         t0 = time.time()
         with sealed(), torch.no_grad():
-            batch = self.method.sample(self.cfg.batch_size)
-        if not torch.isfinite(batch.images).all():
+            batch = self.method.sample(self.rank_batch_size)
+        images, passes, bad = self.ranks.total(len(batch.images), batch.teacher_passes,
+                                               int(not torch.isfinite(batch.images).all()))
+        if bad:
             raise NonFiniteError("the synthesizer produced non-finite images")
-        self.counters.images += len(batch.images)
-        self.counters.teacher_passes += batch.teacher_passes
+        self.counters.images += images
+        self.counters.teacher_passes += passes
         self.last_fresh = batch.images
         seconds = time.time() - t0
         self.counters.synth_seconds += seconds
@@ -262,7 +290,9 @@ class Runner:
 
     def _evaluate(self, epoch: int) -> float:
         t0 = time.time()
-        acc = evaluate(self.student, self.test_x, self.test_y, self.normalizer, self.device, self.cfg.eval_batch_size)
+        self.ranks.sync_buffers(self.student_loss)  # rank 0's BN running statistics, so every student is the same
+        acc = self.ranks.evaluate(self.student, self.test_x, self.test_y, self.normalizer, self.device,
+                                  self.cfg.eval_batch_size)
         self.counters.eval_seconds += time.time() - t0
         if acc > self.counters.best_acc:
             self.counters.best_acc, self.counters.best_epoch = acc, epoch
@@ -304,6 +334,7 @@ class Runner:
             "rng": rng_state(),
             "sampler": self.sampler.get_state(),
             "counters": vars(self.counters),
+            **self.ranks.rank_states(method=self.method.state_dict(), rng=rng_state()),
         }
 
     def try_resume(self) -> bool:
@@ -312,15 +343,16 @@ class Runner:
         if state is None:
             self.folder.truncate_metrics(0)  # a fresh start: no records of an earlier attempt
             return False
+        own = self.ranks.own_state(state)  # this rank's method state and RNG streams
         self.student.load_state_dict(state["student"])
         self.loss_fn.load_state_dict(state["loss_fn"])
-        self.method.load_state_dict(state["method"])
+        self.method.load_state_dict(own["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if state["pool"] is not None:
             self.pool.load_state_dict(state["pool"])
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
         self.sampler.set_state(state["sampler"])
         self.counters = Counters(**state["counters"])
         self.start_epoch = state["epoch"] + 1
@@ -367,7 +399,9 @@ class Runner:
             "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
             "synth_seconds": round(c.synth_seconds, 2), "distill_seconds": round(c.distill_seconds, 2),
             "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),
+            **self.ranks.summary(self.cfg),
             "device": device_name(self.device), "amp": self.amp,
+            "amp_dtype": self.cfg.amp_dtype if self.amp else None,
             "versions": versions(), "git_commit": git_commit(),
             "finished": timestamp(),
         }

@@ -6,6 +6,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Set on a BatchNorm2d module (by sync_bn_statistics) to compute its BN-statistics loss on the global batch.
+SYNC_BN_STATS = "dfkd_sync_bn_stats"
+
+
+def sync_bn_statistics(model: nn.Module) -> None:
+    """Make the BN-statistics losses on ``model`` use the batch of all ranks of the process group, as
+    SyncBatchNorm does, instead of each rank's own. Only passes with gradients synchronize (a teacher
+    pass under no_grad, e.g. labelling a student batch, computes nothing that is optimized)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            setattr(m, SYNC_BN_STATS, True)
+
+
+def _global_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of ``x`` over every rank's batch: each rank's sum, sum of
+    squares and count, summed by an autograd-aware all-reduce. As in SyncBatchNorm, each rank's input
+    gradient is then world_size times the gradient a single process would get on the global batch, the
+    same scale as the rank's local mean terms. Sums are taken around ``shift`` (the running mean, equal
+    on every rank) so that E[x^2] - E[x]^2 does not cancel catastrophically."""
+    from torch.distributed.nn.functional import all_reduce
+
+    d = x - shift.view(1, -1, 1, 1)
+    count = x.new_full((1,), x.numel() / x.shape[1])
+    sums = all_reduce(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]))
+    c = x.shape[1]
+    mean_d = sums[:c] / sums[-1]
+    return shift + mean_d, sums[c:2 * c] / sums[-1] - mean_d * mean_d
+
 
 class BNStatsHook:
     """Forward hook on one BatchNorm2d layer: compares the batch statistics of its input with
@@ -28,8 +56,11 @@ class BNStatsHook:
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0].float()
         self.sample_means = x.mean(dim=(2, 3))
-        mean = self.sample_means.mean(0)
-        var = x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
+        if getattr(module, SYNC_BN_STATS, False) and torch.is_grad_enabled():
+            mean, var = _global_moments(x, module.running_mean.float())
+        else:
+            mean = self.sample_means.mean(0)
+            var = x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
         self._last = (mean.detach(), var.detach())
         if self.momentum > 0 and self.ema is not None:
             mean = self.momentum * self.ema[0] + (1 - self.momentum) * mean

@@ -43,14 +43,16 @@ class SynthContext:
     normalizer: Normalizer  # [0, 1] pixels -> network input
     device: torch.device
     synth_batch_size: int
-    amp: bool = False  # autocast is allowed (CUDA only)
+    amp: bool = False  # autocast on (the runner enables it on CUDA, and on CPU with amp_cpu)
     class_names: tuple[str, ...] = ()  # the classes' names in label order (empty when the dataset has none)
     lr: float = 0.1  # the run's initial student learning rate
     warmup_epochs: int = 0  # the run's warm-up epochs (synthesis only)
     student_lr: float = 0.0  # the student's current learning rate, updated by the runner every epoch
+    amp_dtype: torch.dtype = torch.float16
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        """The run's autocast context for teacher/student passes during synthesis (off unless ``amp``)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
 
 @dataclass

@@ -70,8 +70,9 @@ class RunFolder:
 
     # ------------------------------------------------------------ config
 
-    def check_config(self, config: dict[str, Any]) -> None:
-        """Refuse a folder that holds another run's config (before anything is written)."""
+    def check_config(self, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+        """Refuse a folder that holds another run's config (before anything is written). A field the
+        folder's config lacks (written before the field existed) counts as its value in ``defaults``."""
         cfg_path = self.path / CONFIG
         wanted = json.loads(json.dumps(config, default=str))  # tuples -> lists, as on disk
         if not cfg_path.is_file():
@@ -80,6 +81,7 @@ class RunFolder:
             existing = json.loads(cfg_path.read_text())
         except json.JSONDecodeError:
             raise DfkdError(f"{cfg_path} is corrupt; choose another --output or delete that folder") from None
+        existing = {**json.loads(json.dumps(defaults or {}, default=str)), **existing}
         if _comparable(existing) != _comparable(wanted):
             diff = sorted(k for k in set(existing) | set(wanted)
                           if k not in _IGNORED_FOR_RESUME and existing.get(k) != wanted.get(k))
