@@ -50,6 +50,7 @@ class GeneratorSynthesizer(Synthesizer):
         c, h, _ = ctx.image_shape
         self.generator = Generator(cfg.nz, cfg.ngf, h, c)
         self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum)
+        self.bn_stats.set_active(False)  # on during synthesis only
         self.augment = crop_flip(h)
         self.adversarial = True  # off during warm-up epochs
 
@@ -94,6 +95,10 @@ class GeneratorSynthesizer(Synthesizer):
     # ---------------------------------------------------------------- the loop
 
     def synthesize(self) -> SynthBatch:
+        with self.bn_stats.recording():
+            return self._synthesize()
+
+    def _synthesize(self) -> SynthBatch:
         cfg, ctx = self.cfg, self.ctx
         n = ctx.synth_batch_size
         generator = self.round_generator()

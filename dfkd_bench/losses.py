@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,9 +54,12 @@ class BNStatsHook:
         self.loss: torch.Tensor | None = None
         self.sample_means: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.active = True  # off: the hook computes nothing (the teacher's passes outside synthesis)
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self.active:
+            return
         x = inputs[0].float()
         self.sample_means = x.mean(dim=(2, 3))
         if getattr(module, SYNC_BN_STATS, False) and torch.is_grad_enabled():
@@ -89,6 +95,21 @@ class BNStatistics:
         self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.hooks:
             raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer; BN-statistics methods need one")
+
+    def set_active(self, active: bool) -> None:
+        """Switch every hook on or off. A method that owns hooks on the teacher keeps them off outside its
+        synthesis, so the runner's teacher passes (student steps, evaluation) pay nothing for them."""
+        for h in self.hooks:
+            h.active = active
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """The hooks on for the duration of the block."""
+        self.set_active(True)
+        try:
+            yield
+        finally:
+            self.set_active(False)
 
     def loss(self) -> torch.Tensor:
         """The BN-statistics loss of the last forward pass, summed over layers."""

@@ -124,12 +124,24 @@ class CMI(GeneratorSynthesizer):
         with torch.no_grad():
             ctx.teacher(torch.zeros(1, c, h, h, device=ctx.device))
         dim = self._teacher_features().shape[1]
+        self._set_feature_hooks(False)  # on during synthesis only, as the BN hooks
         self.head = ProjectionHead(dim, cfg.head_dim)
         self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=cfg.head_lr or cfg.lr_g)
         self.bank = MemoryBank(cfg.bank_size, 2 * dim)  # a row: a sample's local and global features
         self.local_augment = resized_crop_flip(h, tuple(cfg.local_scale))
         self._step_features: torch.Tensor | None = None
         self._best_features: torch.Tensor | None = None
+
+    def _set_feature_hooks(self, active: bool) -> None:
+        for hook in self.feature_hooks:
+            hook.active = active
+
+    def synthesize(self) -> SynthBatch:
+        self._set_feature_hooks(True)
+        try:
+            return super().synthesize()
+        finally:
+            self._set_feature_hooks(False)
 
     def _teacher_features(self) -> torch.Tensor:
         return torch.cat([hook.means for hook in self.feature_hooks], dim=1)
@@ -179,9 +191,12 @@ class InstanceMeans:
     def __init__(self, module: nn.Module):
         self.on_input = isinstance(module, nn.BatchNorm2d)
         self.means: torch.Tensor | None = None
+        self.active = True
         module.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if not self.active:
+            return
         source = inputs[0] if self.on_input else output
         self.means = source.float().mean(dim=(2, 3))
 

@@ -48,6 +48,7 @@ class DeepInversion(Synthesizer):
         if cfg.adv_mode not in ("masked", "js"):
             raise ValueError(f"adv_mode must be 'masked' or 'js', got {cfg.adv_mode!r}")
         self.bn_stats = BNStatistics(ctx.teacher)
+        self.bn_stats.set_active(False)  # on during synthesis only
         norm = ctx.normalizer
         # the valid range of normalized pixels, per channel
         self.register_buffer("lo", norm(torch.zeros(1, ctx.image_shape[0], 1, 1, device=ctx.device)), False)
@@ -68,6 +69,10 @@ class DeepInversion(Synthesizer):
         return terms
 
     def synthesize(self) -> SynthBatch:
+        with self.bn_stats.recording():
+            return self._synthesize()
+
+    def _synthesize(self) -> SynthBatch:
         cfg, ctx = self.cfg, self.ctx
         n = ctx.synth_batch_size
         _, h, w = ctx.image_shape

@@ -262,6 +262,7 @@ class NAYER(Synthesizer):
         embeddings = resolve_label_embeddings(ctx, cfg.label_embeddings)
         self.generator = NoisyLayerGenerator(embeddings, cfg.le_emb_size, cfg.ngf, h, c, ctx.synth_batch_size)
         self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum)
+        self.bn_stats.set_active(False)  # on during synthesis only
         self.augment = crop_flip(h)
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))  # rounds synthesized so far
         self.register_buffer("kd_start", torch.full((), -1, dtype=torch.long))  # first non-warm-up round
@@ -278,6 +279,10 @@ class NAYER(Synthesizer):
         return round_ % life == 0 or (kd_start >= 0 and (round_ - kd_start) % life == 0)
 
     def synthesize(self) -> SynthBatch:
+        with self.bn_stats.recording():
+            return self._synthesize()
+
+    def _synthesize(self) -> SynthBatch:
         cfg, ctx = self.cfg, self.ctx
         round_ = int(self.rounds)
         if not self.warmup and int(self.kd_start) < 0:

@@ -233,3 +233,15 @@ def test_clamped_js_divergence_matches_the_package_definition():
     assert torch.allclose(clamped_js_divergence(s, t, 3.0), 0.5 * kl_m_p + 0.5 * kl_m_q)
     assert clamped_js_divergence(t, t, 3.0).abs() < 1e-6
     assert clamped_js_divergence(s, t, 3.0) > 0
+
+
+def test_bn_hooks_compute_nothing_while_paused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    stats = BNStatistics(model)
+    stats.set_active(False)
+    model(torch.randn(2, 3, 6, 6))
+    assert all(h.loss is None for h in stats.hooks)  # a paused hook leaves nothing behind
+    with stats.recording():
+        model(torch.randn(2, 3, 6, 6))
+    assert stats.loss() > 0 and not stats.hooks[0].active
+    stats.remove()
