@@ -3,8 +3,10 @@
 Keys use the authors' flag names (``datafree_kd.py``), so the reference runner reads them as
 they are; :func:`ours_overrides` maps them onto dfkd-bench's ``--set`` keys. One synthesis
 round per epoch (their ``ep_steps == kd_steps``), so "round" and "epoch" coincide and the
-student is evaluated after every round. Every protocol has 15 rounds: about 15 minutes per run
-on either side with one thread on this project's 2-core machine (README.md, "Cost").
+student is evaluated after every round. CSD, the focus method, runs 15 rounds (about 17 CPU-minutes
+per run on either side with one thread on this project's 2-core machine); the other four run 5
+rounds (5-7 CPU-minutes), which is what three seeds of both sides of every method fit into on
+that machine. README.md, "Cost", has the measured times.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _COMMON: dict[str, Any] = {
 _GENERATOR = {"nz": 256, "ngf": 64}
 
 # Fast-Datafree datafree_kd.py:324 anneals to eta_min 2e-4
-_FAST = {**_COMMON, **_GENERATOR, "g_steps": 5, "kd_steps": 100, "lr_min": 2e-4,
+_FAST = {**_COMMON, **_GENERATOR, "rounds": 5, "g_steps": 5, "kd_steps": 100, "lr_min": 2e-4,
          # Fast-Datafree scripts/fast_cifar.sh, WRN lines (Fast-5): lr_g 3e-3, lr_z 0.01, bn 10, oh 0.4, adv 1.1
          "lr_g": 3e-3, "lr_z": 0.01, "bn": 10.0, "oh": 0.4, "adv": 1.1, "bn_mmt": 0.9}
 
@@ -42,11 +44,11 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "fast": {**_FAST},
     "fast_meta": {**_FAST, "is_maml": 1},
     # CMI scripts/cmi/cmi_cifar10.sh (WRN-40-2 -> WRN-16-1), no init bank; bank sizes from CMI datafree_kd.py:276
-    "cmi": {**_COMMON, **_GENERATOR, "g_steps": 20, "kd_steps": 50,
+    "cmi": {**_COMMON, **_GENERATOR, "rounds": 5, "g_steps": 20, "kd_steps": 50,
             "lr_g": 1e-3, "lr_z": 1e-3, "bn": 1.0, "oh": 1.0, "adv": 0.5, "cr": 0.8, "cr_T": 0.2,
             "bank_size": 40960, "n_neg": 4096, "head_dim": 256},
     # CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh; tv 0.001 and l2 0 from CMI datafree_kd.py:252
-    "deepinversion": {**_COMMON, "g_steps": 50, "kd_steps": 50,
+    "deepinversion": {**_COMMON, "rounds": 5, "g_steps": 50, "kd_steps": 50,
                       "lr_g": 0.1, "bn": 10.0, "oh": 1.0, "adv": 1.0, "tv": 1e-3, "l2": 0.0},
 }
 
