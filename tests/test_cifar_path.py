@@ -1,5 +1,6 @@
 """The CIFAR path offline: torchvision's on-disk CIFAR layouts are read without a download, a teacher
-trains on them, and every registered method and baseline runs on their 3-channel 32-px images.
+trains on them, and every registered method and baseline runs on their 3-channel 32-px images
+(and, as a slow test, on Fashion-MNIST's 1-channel 28-px images with the shipped teacher).
 
 The fake folders (conftest.write_fake_cifar) hold a few dozen random images, so every run is tiny.
 """
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from conftest import FAKE_CIFAR_TEST, FAKE_CIFAR_TRAIN, assert_user_error
 
 from dfkd_bench.cli import cli
-from dfkd_bench.data import get_dataset
+from dfkd_bench.data import DEBIAN_FASHION_MNIST, get_dataset
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.runtime import sha256_file
@@ -26,6 +27,7 @@ from dfkd_bench.teachers import default_train_config, train_teacher
 
 # every registered method and baseline: one added later is covered as soon as it registers
 EVERY_NAME = list(SYNTHESIZERS.names())
+SHIPPED_TEACHERS = Path(__file__).resolve().parents[1] / "teachers"
 GRID_PADDING = 2  # the run's samples.png is a grid of 8 images a row with 2 px between them
 
 
@@ -179,8 +181,9 @@ def cifar_store(fake_cifar, tmp_path_factory) -> Path:
     return store
 
 
-def _one_epoch_run(method: str, dataset: str, store: Path, output: Path) -> tuple[object, Path]:
-    args = ["run", "--method", method, "--dataset", dataset, "--teacher", "wrn16_1", "--teacher-store", store,
+def _one_epoch_run(method: str, dataset: str, store: Path, output: Path, teacher: str = "wrn16_1"
+                   ) -> tuple[object, Path]:
+    args = ["run", "--method", method, "--dataset", dataset, "--teacher", teacher, "--teacher-store", store,
             "--output", output, "--name", "run", "--no-train-teacher"]
     for key, value in (("epochs", 1), ("warmup_epochs", 0), ("ep_steps", 1), ("kd_steps", 1), ("batch_size", 8),
                        ("synth_batch_size", 8), ("eval_batch_size", 64)):
@@ -216,3 +219,14 @@ def test_csd_runs_an_epoch_on_cifar100(cifar_store, cifar_root, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
     student = torch.load(run_dir / "student.pt", weights_only=True)
     assert student["fc.weight"].shape[0] == 100
+
+
+@pytest.mark.slow  # each run evaluates on the 10000 real test images
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's Fashion-MNIST is not installed")
+@pytest.mark.parametrize("method", EVERY_NAME)
+def test_every_method_runs_an_epoch_on_fashion_mnist(method, tmp_path):
+    result, run_dir = _one_epoch_run(method, "fashion-mnist", SHIPPED_TEACHERS, tmp_path, teacher="wrn16_2")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
+    student = torch.load(run_dir / "student.pt", weights_only=True)
+    assert student["conv1.weight"].shape[1] == 1 and student["fc.weight"].shape[0] == 10
