@@ -81,8 +81,8 @@ class _RichReporter:
 
 # ---------------------------------------------------------------- run
 
-STUDENT_HELP = ("Zoo or timm model name. Default: the papers' student for the teacher (resnet34, vgg11 -> "
-                "resnet18; wrn40_2, wrn16_2 -> wrn16_1), else wrn16_1.")
+STUDENT_HELP = ("Zoo or timm model name. Default: the teacher's paired student (resnet34, vgg11 -> resnet18; "
+                "wrn40_2, wrn16_2 -> wrn16_1), else wrn16_1.")
 
 @cli.command()
 @click.option("--method", required=True, help="A registered method (see `dfkd-bench methods`).")
@@ -183,8 +183,8 @@ def student_reason(cfg, given: bool) -> str:
     if given:
         return "as given"
     if paper_student(cfg.teacher) == cfg.student:
-        return f"the papers' student for a {cfg.teacher} teacher; --student picks another"
-    return f"no paper pairs a student with {cfg.teacher}, so the default; --student picks another"
+        return f"the paired student for a {cfg.teacher} teacher; --student picks another"
+    return f"no pair lists a {cfg.teacher} teacher, so the default; --student picks another"
 
 
 def _ensure_teacher(progress: Progress, cfg, store: Path | None, train: bool) -> None:

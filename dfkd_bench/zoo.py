@@ -36,9 +36,10 @@ SMALL_IMAGE_ALIASES = {
 }
 EXPLICIT_TIMM_PREFIX = "timm:"
 
-# The teacher -> student pairs of the DFKD papers' CIFAR tables (CMI, Fast, CSD); a run without
-# --student takes its teacher's pair. WRN-40-2 -> WRN-40-1 (or WRN-16-2) is the same papers' other
-# pair for that teacher, chosen with --student.
+# A run without --student takes its teacher's student from the pairs of the authors' CIFAR scripts
+# (CMI, Fast, CSD): ResNet-34 and VGG-11 -> ResNet-18, WRN-40-2 -> WRN-16-1 (their WRN-40-1 and
+# WRN-16-2 students are one --student away). WRN-16-2 -> WRN-16-1 is this project's Fashion-MNIST
+# pair (the shipped teacher), a narrower WRN-40-2 -> WRN-16-1.
 PAPER_STUDENTS = {"resnet34": "resnet18", "vgg11": "resnet18", "wrn40_2": "wrn16_1", "wrn16_2": "wrn16_1"}
 DEFAULT_STUDENT = "wrn16_1"  # for a teacher no paper pairs
 

@@ -304,7 +304,7 @@ def test_run_trains_a_missing_teacher_with_the_recipe_then_runs(tmp_path):
     # the student follows the teacher, and the start line says so
     run_dir = tmp_path / "out" / "tiny-wrn16_2-wrn16_1-deepinversion-quick-s0"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
-    assert "student wrn16_1 -> wrn16_1 (the papers' student for a wrn16_2 teacher" in result.stdout
+    assert "student wrn16_1 -> wrn16_1 (the paired student for a wrn16_2 teacher" in result.stdout
     # the next run finds it
     again = _run_without_teacher(store, tmp_path / "out2", "--no-train-teacher")
     assert again.exit_code == 0, again.output
