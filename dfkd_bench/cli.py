@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -244,6 +245,12 @@ def methods() -> None:
 
 # ---------------------------------------------------------------- compare
 
+def _print_warnings(caught: list) -> None:
+    """Warnings about run folders, one line each; their text is shown as is, never read as rich markup."""
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
+
+
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path), default=Path("results"))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "latex"]), default="table",
@@ -253,10 +260,12 @@ def methods() -> None:
               help="Compare at equal budget: accuracy after the last epoch within N of images, teacher_passes, "
                    "seconds, synth_seconds or epochs (e.g. --at images=5000).")
 def compare(root, fmt, output, at) -> None:
-    """Compare every run folder below ROOT: last-epoch accuracy mean ± std over seeds."""
+    """Compare every run folder below ROOT: last-epoch accuracy, mean ± std, 95% CI and n over seeds, and the
+    methods not significantly worse than the best of their setting (Welch's t-test, p < 0.05)."""
     import warnings
 
-    from .results import BUDGET_COLUMNS, DISPLAY_COLUMNS, collect, failed_runs, summarize, to_format
+    from .results import BUDGET_COLUMNS, DISPLAY_COLUMNS, NOTE, collect, failed_runs, summarize, to_format
+    from .stats import ALPHA
 
     if not Path(root).exists():
         raise DfkdError(f"{root} does not exist")
@@ -272,15 +281,15 @@ def compare(root, fmt, output, at) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         df = collect(root, at=budget)
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+        table = summarize(df)
+    _print_warnings(caught)
     if df.empty:
         raise DfkdError(f"no finished runs below {root}")
-    table = summarize(df)
     failed = failed_runs(df)
     if fmt == "table":
         what = f"accuracy at {at}" if at else "last-epoch test accuracy"
-        out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds)")
+        out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds, 95% t-CI; best group: "
+                          f"Welch's t-test vs the best, p < {ALPHA} = worse)", caption=NOTE, caption_justify="left")
         cols = [c for c in DISPLAY_COLUMNS if c in table.columns]
         for c in cols:
             out.add_column(c, overflow="fold")
@@ -293,9 +302,9 @@ def compare(root, fmt, output, at) -> None:
         if not output:
             click.echo(text, nl=False)
     if not failed.empty:
-        err_console.print(f"[yellow]{len(failed)} failed run(s), not averaged:[/]")
+        err_console.print(f"[yellow]{len(failed)} run(s) not averaged (failed, or no score):[/]")
         for _, r in failed.iterrows():
-            err_console.print(f"  {r['run']}: {r['status']} ({r['reason']})", highlight=False)
+            err_console.print(escape(f"  {r['run']}: {r['status']} ({r['reason']})"), highlight=False)
     if output:
         from .runtime import atomic_write_bytes
 
@@ -317,8 +326,7 @@ def report(root, output) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         written = write_report(root, output)
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    _print_warnings(caught)
     n = sum(len(v) for v in written.values())
     console.print(f"wrote {n} files and index.html to {output}")
 
@@ -416,7 +424,7 @@ class _TeacherProgress:
 
     def __init__(self, progress: Progress, headline: str, cfg):
         self.progress, self.headline, self.cfg = progress, headline, cfg
-        self.task = None
+        self.task, self.total = None, 0
 
     def start(self, start_epoch: int, done_steps: int, total_steps: int) -> None:
         self.total = total_steps

@@ -35,6 +35,7 @@ class RunConfig:
     batch_size: int = 128  # student batch drawn from the pool
     synth_batch_size: int = 200  # images synthesized per round
     lr: float = 0.1
+    lr_min: float = 0.0  # the cosine schedule's floor (eta_min; Fast's code uses 2e-4)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     temperature: float = 20.0
@@ -189,12 +190,14 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_images", "max_teacher_passes", "max_seconds", "pool_in_memory", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
-    for name in ("lr", "temperature", "momentum", "weight_decay"):
+    for name in ("lr", "lr_min", "temperature", "momentum", "weight_decay"):
         value = getattr(cfg, name)
         strictly = name in ("lr", "temperature")
         if not math.isfinite(value) or value < 0 or (value == 0 and strictly):
             kind = "positive" if strictly else "non-negative"
             raise DfkdError(f"{name} must be a finite {kind} number, got {value}")
+    if cfg.lr_min > cfg.lr:
+        raise DfkdError(f"lr_min ({cfg.lr_min}) must not exceed lr ({cfg.lr})")
     if not math.isfinite(cfg.max_seconds):
         raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
     if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:

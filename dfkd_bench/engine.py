@@ -5,23 +5,21 @@
             batch = method.synthesize()              # sealed: no real data reachable
             pool.add(batch)
             for step in range(kd_steps):             # skipped in warm-up epochs
-                x = augment(pool.sample(batch_size))
+                x = augment(pool batch)              # shuffled passes over the pool, or a fresh batch
                 student step on loss(student(x), teacher(x))
         evaluate on the real test set; append metrics; checkpoint
 
-A run folder holds ``config.json``, ``metrics.jsonl``, ``summary.json``, ``student.pt``,
-``samples.png`` and, while running, ``checkpoint.pt`` (everything needed to resume).
+``Runner.run`` and the three methods under it (``_run_epoch``, ``_synthesize``, ``_distill_step``)
+are that loop. Building the components is ``__init__``; the run folder, checkpoints and budgets
+live in :mod:`dfkd_bench.rundir`.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,26 +31,12 @@ from .config import RunConfig
 from .data import DatasetSpec, Normalizer, evaluate, get_dataset, sealed, to_unit
 from .errors import DfkdError
 from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
-from .pool import SamplePool
+from .pool import PassSampler, SamplePool, quantize
 from .registry import LOSSES, SYNTHESIZERS
-from .runtime import (
-    append_jsonl,
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_json,
-    device_name,
-    git_commit,
-    rng_state,
-    seed_everything,
-    select_device,
-    set_rng_state,
-    versions,
-)
+from .rundir import POOL, Counters, RunFolder, budget_reached, timestamp
+from .runtime import device_name, git_commit, rng_state, seed_everything, select_device, set_rng_state, versions
 from .teachers import load_teacher
 from .zoo import create_model
-
-CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
-STUDENT, SAMPLES, POOL = "student.pt", "samples.png", "pool.pt"
 
 
 class Reporter(Protocol):
@@ -78,22 +62,6 @@ class SilentReporter:
         pass
 
 
-@dataclass
-class Counters:
-    """Budget and timing counters, checkpointed with the run."""
-
-    images: int = 0
-    teacher_passes: int = 0
-    synth_seconds: float = 0.0
-    distill_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    elapsed: float = 0.0  # wall seconds of the run, summed over resumed sessions
-    rounds: int = 0
-    kd_steps: int = 0
-    best_acc: float = -1.0
-    best_epoch: int = -1
-
-
 class NonFiniteError(RuntimeError):
     pass
 
@@ -109,16 +77,17 @@ class Runner:
                  teacher_store: Path | None = None, reporter: Reporter | None = None):
         self.cfg, self.method_cfg, self.loss_cfg = cfg, method_cfg, loss_cfg
         self.run_dir = Path(run_dir)
+        self.folder = RunFolder(self.run_dir)
         self.reporter = reporter or SilentReporter()
         self.spec: DatasetSpec = get_dataset(cfg.dataset)
         self.device = select_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
-        self._check_folder()
+        self.folder.check_config(cfg.to_dict())
         seed_everything(cfg.seed)
-        self.teacher, self.teacher_meta = load_teacher(self.spec, cfg.teacher, teacher_store,
+        spec = self.spec
+        self.teacher, self.teacher_meta = load_teacher(spec, cfg.teacher, teacher_store,
                                                        Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None)
         self.teacher.to(self.device)
-        spec = self.spec
         method_cls = SYNTHESIZERS.get(cfg.method)
         if method_cls.student_is_teacher:
             self.student = copy.deepcopy(self.teacher).requires_grad_(True)
@@ -143,11 +112,15 @@ class Runner:
         params = list(self.student.parameters()) + list(self.loss_fn.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         kd_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs,
+                                                                    eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.augment = crop_flip(spec.image_size).to(self.device) if cfg.kd_augment else nn.Identity()
         self.pool = SamplePool(cfg.pool_in_memory, self.run_dir / "pool_spill" if cfg.pool_in_memory else None)
         self.sampler = torch.Generator().manual_seed(cfg.seed)
+        self.batches = PassSampler(self.sampler)
+        self.fresh = method_cls.batch_source == "fresh"
+        self.last_fresh: torch.Tensor | None = None  # a "fresh" method's last batch, for samples.png
         self.counters = Counters()
         self.start_epoch = 0
         self.trains_student = not method_cls.student_is_teacher
@@ -157,103 +130,63 @@ class Runner:
             self.pool.add(*spec.load(method_cls.real_data_split))
         if cfg.init_bank:
             self._load_init_bank(Path(cfg.init_bank))
-        self._write_config()  # only once every input has been checked: a typo leaves no folder behind
-
-    # ------------------------------------------------------------ folder, resume, bank
-
-    def _check_folder(self) -> None:
-        """Refuse a folder that holds another run's config (before anything is written)."""
-        cfg_path = self.run_dir / CONFIG
-        wanted = json.loads(json.dumps(self.cfg.to_dict(), default=str))  # tuples -> lists, as on disk
-        if cfg_path.is_file():
-            try:
-                existing = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError:
-                raise DfkdError(f"{cfg_path} is corrupt; choose another --output or delete that folder") from None
-            if _comparable(existing) != _comparable(wanted):
-                diff = sorted(k for k in set(existing) | set(wanted)
-                              if k not in _IGNORED_FOR_RESUME and existing.get(k) != wanted.get(k))
-                raise DfkdError(f"{self.run_dir} holds a different run (differs in: {', '.join(diff)}); "
-                                "choose another --output or --name")
-
-    def _write_config(self) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / CONFIG, self.cfg.to_dict())
-        except OSError as exc:
-            raise DfkdError(f"cannot write to {self.run_dir}: {exc.strerror or exc}") from None
-
-    def _load_init_bank(self, bank_dir: Path) -> None:
-        path = bank_dir / POOL if bank_dir.is_dir() else bank_dir
-        if not path.is_file():
-            raise DfkdError(f"no pool in {bank_dir}; build one with a synthesis-only run "
-                            "(--set synthesis_only=true)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self.pool.load_state_dict(state)
-        except (RuntimeError, KeyError, OSError, EOFError) as exc:
-            raise DfkdError(f"{path} is not a readable pool: {exc}") from None
-        if tuple(self.pool.tensors()[0].shape[1:]) != self.spec.image_shape:
-            raise DfkdError(f"the init bank in {bank_dir} holds images of another shape")
-        if (self.method.uses_labels or self.loss_fn.needs_labels) and not self.pool.has_labels:
-            raise DfkdError(f"the init bank in {bank_dir} has no labels, which '{self.cfg.method}' with loss "
-                            f"'{self.cfg.loss}' needs; build the bank with a method that keeps labels")
-        self.reporter.message(f"init bank: {len(self.pool)} images from {bank_dir}")
-
-    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "student": self.student.state_dict(),
-            "loss_fn": self.loss_fn.state_dict(),
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "pool": None if self.real_pool else self.pool.state_dict(),
-            "rng": rng_state(),
-            "sampler": self.sampler.get_state(),
-            "counters": vars(self.counters),
-        }
-
-    def try_resume(self) -> bool:
-        """Continue from ``checkpoint.pt`` if the folder has one. Returns whether it did."""
-        path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            _truncate_metrics(self.run_dir / METRICS, 0)  # a fresh start: no records of an earlier attempt
-            return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a checkpoint is replaced atomically, so this is a foreign file
-            raise DfkdError(f"cannot resume from {path}: {type(exc).__name__}; delete it to start over") from None
-        self.student.load_state_dict(state["student"])
-        self.loss_fn.load_state_dict(state["loss_fn"])
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if state["pool"] is not None:
-            self.pool.load_state_dict(state["pool"])
-        set_rng_state(state["rng"])
-        self.sampler.set_state(state["sampler"])
-        self.counters = Counters(**state["counters"])
-        self.start_epoch = state["epoch"] + 1
-        _truncate_metrics(self.run_dir / METRICS, self.start_epoch)
-        self.reporter.message(f"resumed {self.run_dir} after epoch {self.start_epoch}")
-        return True
+        self.folder.write_config(cfg.to_dict())  # only once every input has been checked: a typo leaves no folder
 
     # ------------------------------------------------------------ the protocol
 
-    def _budget_reached(self) -> str | None:
-        cfg, c = self.cfg, self.counters
-        if cfg.max_images and c.images >= cfg.max_images:
-            return f"max_images={cfg.max_images}"
-        if cfg.max_teacher_passes and c.teacher_passes >= cfg.max_teacher_passes:
-            return f"max_teacher_passes={cfg.max_teacher_passes}"
-        if cfg.max_seconds and c.elapsed + (time.time() - self._session_start) >= cfg.max_seconds:
-            return f"max_seconds={cfg.max_seconds:g}"
-        return None
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        finished = self.folder.finished_summary()
+        if finished is not None:
+            self.reporter.message(f"{self.run_dir} is already complete")
+            return finished
+        self.try_resume()
+        self._session_start = time.time()
+        rounds = cfg.rounds_per_epoch
+        self.reporter.start(cfg.epochs * rounds, self.start_epoch * rounds,
+                            f"{cfg.method} {cfg.teacher}->{cfg.student} s{cfg.seed}")
+        status, reason, epoch = "complete", None, self.start_epoch - 1
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                reason = self._run_epoch(epoch)
+                if reason:
+                    status = "budget"
+                    break
+        except NonFiniteError as exc:
+            status, reason = "failed", str(exc)
+        self.counters.elapsed += time.time() - self._session_start
+        return self._finish(status, reason)
+
+    def _run_epoch(self, epoch: int) -> str | None:
+        """One epoch: rounds of synthesis + distillation, then evaluation. Returns the budget that stopped it."""
+        cfg = self.cfg
+        warmup = epoch < cfg.warmup_epochs
+        distill = not (warmup or cfg.synthesis_only)
+        terms: dict[str, list[float]] = defaultdict(list)
+        self.method.ctx.student_lr = self.optimizer.param_groups[0]["lr"]
+        with sealed():
+            self.method.on_epoch_start(epoch, warmup)
+        stop = None
+        for round_ in range(cfg.rounds_per_epoch if self.trains_student else 0):
+            self._synthesize(terms)
+            if distill:
+                t0 = time.time()
+                for _ in range(cfg.kd_steps):
+                    self._distill_step(terms)
+                self.counters.distill_seconds += time.time() - t0
+            self._check_weights()
+            self.reporter.round_done(epoch, round_, {k: v[-1] for k, v in terms.items() if v})
+            stop = budget_reached(cfg, self.counters, time.time() - self._session_start)
+            if stop:
+                break
+        if distill and self.trains_student:
+            self.scheduler.step()
+        acc = self._evaluate(epoch)
+        self._end_epoch(epoch, warmup, acc, terms, last=epoch == cfg.epochs - 1 or stop is not None)
+        return stop
 
     def _synthesize(self, terms: dict[str, list[float]]) -> None:
+        """One synthesis round: the method makes a batch (student frozen), the pool keeps it."""
         self.student.eval().requires_grad_(False)
         t0 = time.time()
         with sealed():
@@ -263,6 +196,7 @@ class Runner:
             raise NonFiniteError("the synthesizer produced non-finite images")
         if len(batch.images):
             self.pool.add(batch.images, batch.labels if self.method.uses_labels else None)
+        self.batches.restart()
         self.counters.images += len(batch.images)
         self.counters.teacher_passes += batch.teacher_passes
         self.counters.rounds += 1
@@ -273,8 +207,13 @@ class Runner:
         self.student.train().requires_grad_(True)
 
     def _distill_step(self, terms: dict[str, list[float]]) -> None:
-        images, labels = self.pool.sample(self.cfg.batch_size, self.sampler)
-        x = self.normalizer(self.augment(to_unit(images.to(self.device))))
+        """One student step on a batch: loss(student(x), teacher(x)), then the method's hook."""
+        if self.fresh:
+            images, labels = self._fresh_batch()  # floats in [0, 1], on the device
+        else:
+            images, labels = self.batches.next_batch(self.pool, self.cfg.batch_size)
+            images = to_unit(images.to(self.device))
+        x = self.normalizer(self.augment(images))
         y = labels.to(self.device) if labels is not None else None
         with torch.autocast(self.device.type, enabled=self.amp):
             with torch.no_grad():
@@ -298,83 +237,117 @@ class Runner:
             terms[f"kd/{k}"].append(v)
         self.counters.kd_steps += 1
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        summary_path = self.run_dir / SUMMARY
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            if summary.get("status") in ("complete", "budget"):
-                self.reporter.message(f"{self.run_dir} is already complete")
-                return summary
-        self.try_resume()
-        self._session_start = time.time()
-        rounds = cfg.rounds_per_epoch
-        self.reporter.start(cfg.epochs * rounds, self.start_epoch * rounds,
-                            f"{cfg.method} {cfg.teacher}->{cfg.student} s{cfg.seed}")
-        status, reason, epoch = "complete", None, self.start_epoch - 1
-        try:
-            for epoch in range(self.start_epoch, cfg.epochs):
-                reason = self._run_epoch(epoch)
-                if reason:
-                    status = "budget"
-                    break
-        except NonFiniteError as exc:
-            status, reason = "failed", str(exc)
-        self.counters.elapsed += time.time() - self._session_start
-        return self._finish(status, reason, epoch)
-
-    def _run_epoch(self, epoch: int) -> str | None:
-        cfg = self.cfg
-        warmup = epoch < cfg.warmup_epochs
-        distill = not (warmup or cfg.synthesis_only)
-        terms: dict[str, list[float]] = defaultdict(list)
-        self.method.ctx.student_lr = self.optimizer.param_groups[0]["lr"]
-        with sealed():
-            self.method.on_epoch_start(epoch, warmup)
-        stop = None
-        for round_ in range(cfg.rounds_per_epoch if self.trains_student else 0):
-            self._synthesize(terms)
-            if distill:
-                t0 = time.time()
-                for _ in range(cfg.kd_steps):
-                    self._distill_step(terms)
-                self.counters.distill_seconds += time.time() - t0
-            # one sync for all weights, not one per parameter
-            if not torch.isfinite(torch.stack([p.detach().float().sum() for p in self.student.parameters()])).all():
-                raise NonFiniteError("student weights became non-finite")
-            self.reporter.round_done(epoch, round_, {k: v[-1] for k, v in terms.items() if v})
-            stop = self._budget_reached()
-            if stop:
-                break
-        if distill and self.trains_student:
-            self.scheduler.step()
+    def _fresh_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A "fresh" method's batch for one student step; its time and images count as synthesis."""
         t0 = time.time()
-        acc = evaluate(self.student, self.test_x, self.test_y, self.normalizer, self.device, cfg.eval_batch_size)
+        with sealed(), torch.no_grad():
+            batch = self.method.sample(self.cfg.batch_size)
+        if not torch.isfinite(batch.images).all():
+            raise NonFiniteError("the synthesizer produced non-finite images")
+        self.counters.images += len(batch.images)
+        self.counters.teacher_passes += batch.teacher_passes
+        self.last_fresh = batch.images
+        seconds = time.time() - t0
+        self.counters.synth_seconds += seconds
+        self.counters.distill_seconds -= seconds  # the caller times the whole student step
+        return batch.images, batch.labels
+
+    # ------------------------------------------------------------ per-epoch bookkeeping
+
+    def _check_weights(self) -> None:
+        # one sync for all weights, not one per parameter
+        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in self.student.parameters()])).all():
+            raise NonFiniteError("student weights became non-finite")
+
+    def _evaluate(self, epoch: int) -> float:
+        t0 = time.time()
+        acc = evaluate(self.student, self.test_x, self.test_y, self.normalizer, self.device, self.cfg.eval_batch_size)
         self.counters.eval_seconds += time.time() - t0
         if acc > self.counters.best_acc:
             self.counters.best_acc, self.counters.best_epoch = acc, epoch
+        return acc
+
+    def _end_epoch(self, epoch: int, warmup: bool, acc: float, terms: dict[str, list[float]], last: bool) -> None:
+        """Append the epoch's record and, unless the run ends here, checkpoint."""
+        c = self.counters
+        session = time.time() - self._session_start
         record = {
             "epoch": epoch, "test_acc": round(acc, 4), "warmup": warmup,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images": self.counters.images, "teacher_passes": self.counters.teacher_passes,
-            "kd_steps": self.counters.kd_steps,
-            "synth_seconds": round(self.counters.synth_seconds, 3),
-            "distill_seconds": round(self.counters.distill_seconds, 3),
-            "elapsed_seconds": round(self.counters.elapsed + time.time() - self._session_start, 3),
+            "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
+            "synth_seconds": round(c.synth_seconds, 3), "distill_seconds": round(c.distill_seconds, 3),
+            "elapsed_seconds": round(c.elapsed + session, 3),
             **{k: round(v, 6) for k, v in _mean_terms(terms).items()},
         }
-        append_jsonl(self.run_dir / METRICS, record)
+        self.folder.append_metrics(record)
         self.reporter.epoch_done(record)
-        if epoch < self.cfg.epochs - 1 and not stop:
+        if not last:
             # the session's wall time so far is part of what resumes
-            saved = self.counters.elapsed
-            self.counters.elapsed += time.time() - self._session_start
-            atomic_torch_save(self.run_dir / CHECKPOINT, self._checkpoint_state(epoch))
-            self.counters.elapsed = saved
-        return stop
+            saved = c.elapsed
+            c.elapsed += time.time() - self._session_start
+            self.folder.save_checkpoint(self._checkpoint_state(epoch))
+            c.elapsed = saved
 
-    def _finish(self, status: str, reason: str | None, last_epoch: int) -> dict[str, Any]:
-        metrics = read_metrics(self.run_dir / METRICS)
+    # ------------------------------------------------------------ checkpoint and resume
+
+    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "student": self.student.state_dict(),
+            "loss_fn": self.loss_fn.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "pool": None if self.real_pool else self.pool.state_dict(),
+            "rng": rng_state(),
+            "sampler": self.sampler.get_state(),
+            "counters": vars(self.counters),
+        }
+
+    def try_resume(self) -> bool:
+        """Continue from ``checkpoint.pt`` if the folder has one. Returns whether it did."""
+        state = self.folder.load_checkpoint()
+        if state is None:
+            self.folder.truncate_metrics(0)  # a fresh start: no records of an earlier attempt
+            return False
+        self.student.load_state_dict(state["student"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state["pool"] is not None:
+            self.pool.load_state_dict(state["pool"])
+        set_rng_state(state["rng"])
+        self.sampler.set_state(state["sampler"])
+        self.counters = Counters(**state["counters"])
+        self.start_epoch = state["epoch"] + 1
+        self.folder.truncate_metrics(self.start_epoch)
+        self.reporter.message(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+        return True
+
+    def _load_init_bank(self, bank_dir: Path) -> None:
+        path = bank_dir / POOL if bank_dir.is_dir() else bank_dir
+        if not path.is_file():
+            raise DfkdError(f"no pool in {bank_dir}; build one with a synthesis-only run "
+                            "(--set synthesis_only=true)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.pool.load_state_dict(state)
+        except (RuntimeError, KeyError, OSError, EOFError) as exc:
+            raise DfkdError(f"{path} is not a readable pool: {exc}") from None
+        if tuple(self.pool.tensors()[0].shape[1:]) != self.spec.image_shape:
+            raise DfkdError(f"the init bank in {bank_dir} holds images of another shape")
+        if (self.method.uses_labels or self.loss_fn.needs_labels) and not self.pool.has_labels:
+            raise DfkdError(f"the init bank in {bank_dir} has no labels, which '{self.cfg.method}' with loss "
+                            f"'{self.cfg.loss}' needs; build the bank with a method that keeps labels")
+        self.reporter.message(f"init bank: {len(self.pool)} images from {bank_dir}")
+
+    # ------------------------------------------------------------ the end
+
+    def _finish(self, status: str, reason: str | None) -> dict[str, Any]:
+        metrics = self.folder.metrics()
         c = self.counters
         summary = {
             "status": status,
@@ -395,53 +368,20 @@ class Runner:
             "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),
             "device": device_name(self.device), "amp": self.amp,
             "versions": versions(), "git_commit": git_commit(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished": timestamp(),
         }
-        if status != "failed":
-            atomic_torch_save(self.run_dir / STUDENT, self.student.state_dict())
-        if len(self.pool) and not self.real_pool:  # a real-data baseline's pool is not synthetic
-            save_sample_grid(self.pool.last(64), self.run_dir / SAMPLES)
-        if self.cfg.synthesis_only:
-            atomic_torch_save(self.run_dir / POOL, self.pool.state_dict())
-        atomic_write_json(self.run_dir / SUMMARY, summary)
-        (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
+        samples = None
+        if self.last_fresh is not None:
+            samples = quantize(self.last_fresh[-64:])
+        elif len(self.pool) and not self.real_pool:  # a real-data baseline's pool is not synthetic
+            samples = self.pool.last(64)
+        self.folder.write_outputs(
+            summary,
+            student=self.student.state_dict() if status != "failed" else None,
+            samples=samples,
+            pool=self.pool.state_dict() if self.cfg.synthesis_only else None,
+        )
         return summary
 
 
-_IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
-
-
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in _IGNORED_FOR_RESUME}
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Per-epoch records; a last line cut short by a crash is skipped."""
-    if not Path(path).is_file():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _truncate_metrics(path: Path, epochs: int) -> None:
-    """Drop records of epochs after the checkpoint (they will be run again)."""
-    if not Path(path).is_file():
-        return
-    kept = [r for r in read_metrics(path) if r.get("epoch", 0) < epochs]
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-
-def save_sample_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    from torchvision.utils import save_image
-
-    buf = io.BytesIO()
-    save_image(images.float() / 255.0, buf, nrow=nrow, padding=2, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-__all__ = ["Runner", "Reporter", "SilentReporter", "read_metrics"]
+__all__ = ["Runner", "Reporter", "SilentReporter"]

@@ -71,6 +71,10 @@ class Synthesizer(nn.Module):
     Config: ClassVar[type]
     default_loss: ClassVar[str] = "kl"
     uses_labels: ClassVar[bool] = False  # the pool keeps the target labels
+    # Where the student's batches come from: "pool" (every image synthesized so far, the CMI/Fast/CSD
+    # protocol) or "fresh" (``sample`` makes a new batch for every student step, as the online
+    # adversarial methods do; nothing is pooled).
+    batch_source: ClassVar[str] = "pool"
     # Baselines only (reference rows, not data-free methods):
     is_baseline: ClassVar[bool] = False
     real_data_split: ClassVar[str | None] = None  # the runner fills the pool with this real split
@@ -83,6 +87,10 @@ class Synthesizer(nn.Module):
 
     def synthesize(self) -> SynthBatch:
         raise NotImplementedError
+
+    def sample(self, n: int) -> SynthBatch:
+        """A fresh batch of ``n`` images for one student step ("fresh" methods only); called under no_grad."""
+        raise NotImplementedError(f"{type(self).__name__} declares batch_source='fresh' but has no sample()")
 
     def on_epoch_start(self, epoch: int, warmup: bool) -> None:
         """Called before each epoch's first round; ``warmup`` epochs only synthesize."""

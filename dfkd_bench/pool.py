@@ -3,7 +3,7 @@
 Images are stored as uint8 (what the reference code's PNG files hold, a quarter of the
 memory of float32) in chunks, one per round. Beyond ``max_in_memory`` images, the oldest
 chunks are written to ``spill_dir`` and memory-mapped back, so a long run's pool costs
-disk, not RAM. Sampling is uniform over all images ever added.
+disk, not RAM. :class:`PassSampler` draws the student's batches from it.
 """
 
 from __future__ import annotations
@@ -62,16 +62,6 @@ class SamplePool:
             in_memory -= len(self._images[i])
             self._images[i], self._labels[i], self._spilled[i] = data["images"], data["labels"], True
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A uniform random batch (with replacement across batches, without within one): uint8 images, labels."""
-        n = len(self)
-        if n == 0:
-            raise RuntimeError("the pool is empty")
-        idx = torch.randperm(n, generator=generator)[:batch_size] if n <= 1 << 24 else \
-            torch.randint(n, (batch_size,), generator=generator)
-        return self.gather(idx)
-
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunk = torch.searchsorted(self._offsets, idx, right=True) - 1
         images = torch.empty((len(idx), *self._images[0].shape[1:]), dtype=torch.uint8)
@@ -106,3 +96,31 @@ class SamplePool:
         for size in state["chunks"]:
             self.add(images[start:start + size], None if labels is None else labels[start:start + size])
             start += size
+
+
+class PassSampler:
+    """The student's batches: shuffled passes over the whole pool, restarted after every synthesis round.
+
+    This is what the reference code (CMI, Fast, CSD) does: each round rebuilds a
+    ``DataLoader(pool, shuffle=True)`` and iterates it, starting a new pass when one is used up,
+    so within a pass every image is drawn exactly once and the last batch of a pass may be short.
+    The permutations come from ``generator`` (checkpointed by the runner); a pass never spans a
+    checkpoint, because checkpoints fall between rounds.
+    """
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+        self._batches: list[torch.Tensor] = []
+
+    def restart(self) -> None:
+        """Start a new pass at the next draw (call after the pool changed)."""
+        self._batches = []
+
+    def next_batch(self, pool: SamplePool, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch of the current pass: uint8 images and their labels (or None)."""
+        if not len(pool):
+            raise RuntimeError("the pool is empty")
+        if not self._batches:
+            order = torch.randperm(len(pool), generator=self.generator)
+            self._batches = list(reversed(order.split(batch_size)))
+        return pool.gather(self._batches.pop())

@@ -1,7 +1,8 @@
 """``dfkd-bench report``: the comparison a paper can use, from a folder of run folders.
 
-Writes ``table.md``, ``table.csv``, ``table.tex``; per (dataset, teacher, student) the plots
-``acc_vs_epoch-*.png`` and ``acc_vs_synthesis_time-*.png``; one sample grid per method under
+Writes ``table.md``, ``table.csv``, ``table.tex`` (mean ± std, 95% CI, n and the best-group mark, see
+:mod:`dfkd_bench.results`); per (dataset, teacher, student) the plots ``acc_vs_epoch-*.png`` and
+``acc_vs_synthesis_time-*.png`` (mean over seeds with a ± std band); one sample grid per method under
 ``samples/``; and ``index.html``, a self-contained page that shows all of it.
 """
 
@@ -18,19 +19,16 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .engine import METRICS, SAMPLES, read_metrics  # noqa: E402
 from .registry import SYNTHESIZERS  # noqa: E402
-from .results import GROUP_KEYS, collect, summarize, to_format  # noqa: E402
+from .results import DISPLAY_COLUMNS, FINISHED, NOTE, collect, is_baseline, summarize, to_format  # noqa: E402
+from .rundir import METRICS, SAMPLES, read_metrics  # noqa: E402
 from .runtime import atomic_write_bytes  # noqa: E402
 
 PLOT_SIZE = (6.4, 4.8)  # inches; at PLOT_DPI this is 640 x 480 pixels
 PLOT_DPI = 100
 REFERENCE = "deepinversion"
 BASELINE_ORDER = ["teacher", "student-real", "kd-real", "kd-noise"]
-
-
-def _is_baseline(method: str) -> bool:
-    return method in SYNTHESIZERS and getattr(SYNTHESIZERS.get(method), "is_baseline", False)
+EXTRA_COLUMNS = ["kind", "speed-up vs DI"]
 
 
 def report_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,9 +42,9 @@ def report_table(df: pd.DataFrame) -> pd.DataFrame:
     for _, row in table.iterrows():
         ref = reference.get(tuple(row[k] for k in setting))
         own = row["synthesis s"]
-        speedups.append(f"{ref / own:.1f}x" if ref and own and not _is_baseline(row["method"]) else "-")
+        speedups.append(f"{ref / own:.1f}x" if ref and own and not is_baseline(row["method"]) else "-")
     table["speed-up vs DI"] = speedups
-    table["kind"] = ["baseline" if _is_baseline(m) else "method" for m in table["method"]]
+    table["kind"] = ["baseline" if is_baseline(m) else "method" for m in table["method"]]
     order = {m: i for i, m in enumerate(BASELINE_ORDER)}
     table["_order"] = [order.get(m, len(order)) for m in table["method"]]
     table = table.sort_values(setting + ["_order", "method", "loss"]).drop(columns="_order")
@@ -54,17 +52,18 @@ def report_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _curves(df: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
-    """Per (dataset, teacher, student): every finished run's per-epoch records, tagged with its label."""
+    """Per (dataset, teacher, student): every finished run's per-epoch records, tagged with its label,
+    seed and whether it is a baseline."""
     out: dict[tuple, list[pd.DataFrame]] = {}
     multi_preset = df["preset"].nunique() > 1
-    for _, run in df[df["status"].isin(["complete", "budget"])].iterrows():
+    for _, run in df[df["status"].isin(FINISHED)].iterrows():
         records = pd.DataFrame(read_metrics(Path(run["run"]) / METRICS))
         if records.empty:
             continue
         label = run["method"] if run["loss"] == _default_loss(run["method"]) else f"{run['method']} + {run['loss']}"
         if multi_preset:
             label += f" ({run['preset']})"
-        records["label"], records["seed"] = label, run["seed"]
+        records["label"], records["seed"], records["baseline"] = label, run["seed"], is_baseline(run["method"])
         out.setdefault((run["dataset"], run["teacher"], run["student"]), []).append(records)
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
 
@@ -73,22 +72,35 @@ def _default_loss(method: str) -> str:
     return SYNTHESIZERS.get(method).default_loss if method in SYNTHESIZERS else "kl"
 
 
+def draw_curves(ax: plt.Axes, curves: pd.DataFrame, x: str) -> None:
+    """Per label, test accuracy against ``x``: the mean over seeds per epoch, with a ± std band (ddof=1)
+    where at least two seeds reached that epoch; a single seed is a plain line. Baselines synthesize
+    nothing, so off the epoch axis they are a horizontal line at their final accuracy."""
+    for i, (label, g) in enumerate(curves.groupby("label", sort=True)):
+        color = f"C{i % 10}"  # by label order, so a method has one colour in every plot
+        per_epoch = g.groupby("epoch").agg(acc=("test_acc", "mean"), std=("test_acc", "std"),
+                                           seeds=("test_acc", "size"), x=(x, "mean"))
+        banded = per_epoch[per_epoch["seeds"] > 1]
+        name = f"{label} (n={g['seed'].nunique()})"
+        if len(per_epoch) == 1 or (x != "epoch" and g["baseline"].any()):
+            last = per_epoch.iloc[-1]
+            ax.axhline(last["acc"], linestyle="--", linewidth=1, label=name, color=color)
+            if last["seeds"] > 1:
+                ax.axhspan(last["acc"] - last["std"], last["acc"] + last["std"], alpha=0.15, color=color)
+            continue
+        offset = 1 if x == "epoch" else 0  # epochs are 0-based in the records, plotted 1-based
+        ax.plot(per_epoch["x"] + offset, per_epoch["acc"], marker="o", markersize=3, label=name, color=color)
+        if not banded.empty:
+            ax.fill_between(banded["x"] + offset, banded["acc"] - banded["std"], banded["acc"] + banded["std"],
+                            alpha=0.2, color=color)
+
+
 def _plot(curves: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    for label, g in curves.groupby("label", sort=True):
-        mean = g.groupby("epoch").agg(acc=("test_acc", "mean"), std=("test_acc", "std"), x=(x, "mean"))
-        xs = mean["x"] + (1 if x == "epoch" else 0)
-        if len(mean) == 1 or (x != "epoch" and mean["x"].max() == 0):
-            # a reference row with nothing on this axis: a horizontal line at its final accuracy
-            ax.axhline(mean["acc"].iloc[-1], linestyle="--", linewidth=1, label=label)
-            continue
-        (line,) = ax.plot(xs, mean["acc"], marker="o", markersize=3, label=label)
-        if g["seed"].nunique() > 1:
-            ax.fill_between(xs, mean["acc"] - mean["std"], mean["acc"] + mean["std"], alpha=0.2,
-                            color=line.get_color())
+    draw_curves(ax, curves, x)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title} (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -104,9 +116,8 @@ def write_report(root: Path, out_dir: Path) -> dict[str, list[Path]]:
     df = collect(root)
     table = report_table(df)
     written: dict[str, list[Path]] = {"tables": [], "plots": [], "samples": []}
-    columns_extra = ["kind", "speed-up vs DI"]
     for fmt, name in (("markdown", "table.md"), ("csv", "table.csv"), ("latex", "table.tex")):
-        text = to_format(table, fmt, extra=columns_extra)
+        text = to_format(table, fmt, extra=EXTRA_COLUMNS)
         atomic_write_bytes(out_dir / name, text.encode())
         written["tables"].append(out_dir / name)
     for (dataset, teacher, student), curves in _curves(df).items():
@@ -117,7 +128,7 @@ def write_report(root: Path, out_dir: Path) -> dict[str, list[Path]]:
             path = out_dir / f"{stem}-{tag}.png"
             _plot(curves, x, xlabel, title, path)
             written["plots"].append(path)
-    finished = df[df["status"].isin(["complete", "budget"])].sort_values("seed") if not df.empty else df
+    finished = df[df["status"].isin(FINISHED)].sort_values("seed") if not df.empty else df
     for method, g in finished.groupby("method") if not finished.empty else []:
         grid = next((Path(r) / SAMPLES for r in g["run"] if (Path(r) / SAMPLES).is_file()), None)
         if grid is not None:
@@ -135,18 +146,16 @@ def _img(path: Path) -> str:
 
 
 def _write_html(out_dir: Path, table: pd.DataFrame, written: dict[str, list[Path]]) -> None:
-    shown = table[[c for c in GROUP_KEYS + ["kind", "acc (last epoch)", "n seeds", "best-epoch acc (test-selected)",
-                                            "teacher acc", "images", "synthesis s", "total s", "speed-up vs DI"]
-                   if c in table.columns]] if not table.empty else table
+    shown = table[[c for c in DISPLAY_COLUMNS + EXTRA_COLUMNS if c in table.columns]] if not table.empty else table
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>dfkd-bench report</title><style>",
         "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}",
         "td,th{border:1px solid #ccc;padding:3px 6px} img{max-width:640px;margin:4px}",
         "</style></head><body><h1>dfkd-bench report</h1>",
-        "<p>Score: test accuracy of the last epoch, mean ± std over seeds. The best-epoch column is chosen on "
-        "the test set and is not a fair score. Speed-up: DeepInversion's synthesis time over the method's.</p>",
+        f"<p>{html.escape(NOTE)} Speed-up: DeepInversion's synthesis time over the method's.</p>",
         shown.to_html(index=False, escape=True, na_rep="-"),
-        "<h2>Curves</h2>", *(_img(p) for p in written["plots"]),
+        "<h2>Curves</h2><p>Mean over seeds per epoch; the band is ± one std where two or more seeds reached "
+        "the epoch; n in the legend.</p>", *(_img(p) for p in written["plots"]),
         "<h2>Synthetic samples (last batches of one seed)</h2>",
         *(f"<figure>{_img(p)}<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in written["samples"]),
         "</body></html>",

@@ -1,7 +1,9 @@
 """Reading run folders and turning them into comparison tables (pandas does the grouping).
 
-The score is the last epoch's test accuracy, mean +- std over seeds. The best epoch is
-chosen on the test set, so it is reported in its own labelled column, never as the score.
+The score is the last epoch's test accuracy: mean ± std over seeds, n, and the 95% t-interval
+of the mean. Per setting, each method is tested against the best one (Welch's t-test, see
+:mod:`dfkd_bench.stats`). The best epoch is chosen on the test set, so it is reported in its own
+labelled column, never as the score. Failed runs are listed apart and never averaged.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ from typing import Any
 
 import pandas as pd
 
-from .engine import CONFIG, METRICS, SUMMARY, read_metrics
+from .registry import SYNTHESIZERS, load_plugins
+from .rundir import CONFIG, METRICS, SUMMARY, read_metrics
+from .stats import ALPHA, CONFIDENCE, NA, Estimate, Mark, best_group, estimate
 
 GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset"]
+# methods are ranked against each other within one setting
+SETTING_KEYS = ["dataset", "teacher", "student", "preset"]
+FINISHED = ("complete", "budget")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -58,15 +65,16 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
 
 
 def collect(root: Path, at: tuple[str, float] | None = None) -> pd.DataFrame:
-    """One row per run folder below ``root``. With ``at=(budget, limit)``, ``final_acc`` is the
-    accuracy of the last epoch that stayed within that budget (read from metrics.jsonl)."""
+    """One row per run folder below ``root``. With ``at=(budget, limit)``, the accuracy, best accuracy
+    and counters are those of the last epoch that stayed within that budget (read from metrics.jsonl);
+    a run with no such epoch gets no score."""
     rows = []
     for run_dir in find_runs(root):
         row = load_run(run_dir)
         if row is None:
             continue
         if at is not None:
-            row["final_acc"], row["at_epoch"] = accuracy_at(read_metrics(run_dir / METRICS), *at)
+            row.update(_row_at(within_budget(read_metrics(run_dir / METRICS), *at)))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -75,69 +83,142 @@ BUDGET_COLUMNS = {"images": "images", "teacher_passes": "teacher_passes", "secon
                   "synth_seconds": "synth_seconds", "epochs": "epoch"}
 
 
-def accuracy_at(metrics: list[dict[str, Any]], budget: str, limit: float) -> tuple[float | None, int | None]:
-    """Test accuracy after the last epoch whose cumulative ``budget`` was at most ``limit``."""
+def within_budget(metrics: list[dict[str, Any]], budget: str, limit: float) -> list[dict[str, Any]]:
+    """The per-epoch records whose cumulative ``budget`` was at most ``limit``."""
     column = BUDGET_COLUMNS[budget]
-    best: tuple[float | None, int | None] = (None, None)
+    out = []
     for record in metrics:
         used = record.get(column)
         if column == "epoch" and used is not None:
             used += 1  # epochs are 0-based in the records, budgets count them
         if used is not None and used <= limit:
-            best = (record["test_acc"], record["epoch"])
-    return best
+            out.append(record)
+    return out
 
 
-def _fmt_mean_std(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
+def _row_at(within: list[dict[str, Any]]) -> dict[str, Any]:
+    if not within:
+        return {"final_acc": None, "best_acc": None, "at_epoch": None}
+    last = within[-1]
+    return {"final_acc": last["test_acc"], "at_epoch": last["epoch"],
+            "best_acc": max(r["test_acc"] for r in within),
+            "images": last.get("images"), "teacher_passes": last.get("teacher_passes"),
+            "synth_seconds": last.get("synth_seconds"), "total_seconds": last.get("elapsed_seconds")}
+
+
+def is_baseline(method: str) -> bool:
+    """A reference row (teacher, real-data and noise baselines): shown, never ranked."""
+    return method in SYNTHESIZERS and getattr(SYNTHESIZERS.get(method), "is_baseline", False)
+
+
+def _fmt_mean_std(est: Estimate) -> str:
+    if est.n == 0:
         return "-"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+    return f"{est.mean:.2f} ± {NA if est.n < 2 else f'{est.std:.2f}'}"
+
+
+def _fmt_ci(est: Estimate) -> str:
+    return NA if est.n < 2 else f"[{est.ci_low:.2f}, {est.ci_high:.2f}]"
+
+
+def _fmt_p(mark: Mark | None) -> str:
+    if mark is None or mark.mark == "best":
+        return "-"
+    if mark.mark == NA:
+        return NA
+    return "<0.001" if mark.p < 0.001 else f"{mark.p:.3f}"
+
+
+def _scored(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs that have a score: the only ones averaged."""
+    return df[df["status"].isin(FINISHED) & df["final_acc"].notna()]
+
+
+def _epoch_span(at_epochs: pd.Series) -> str:
+    first, last = int(at_epochs.min()) + 1, int(at_epochs.max()) + 1  # shown 1-based, as budgets count
+    return str(first) if first == last else f"{first}-{last}"
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, teacher, student, method, loss, preset) over the finished runs."""
+    """One row per (dataset, teacher, student, method, loss, preset) over the finished runs: mean ± std,
+    95% t-interval, n, and the best-group mark of each method within its setting."""
     if df.empty:
         return df
-    ok = df[df["status"].isin(["complete", "budget"])]
-    rows = []
+    load_plugins()  # baselines are told apart through the registry
+    ok = _scored(df)
+    rows, samples = [], []
     for key, g in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
-        rows.append({
+        repeated = sorted(g["seed"][g["seed"].duplicated()].unique().tolist())
+        if repeated:
+            warnings.warn(f"{'/'.join(map(str, key))}: several runs share a seed ({repeated}); each is counted in n",
+                          stacklevel=2)
+        score = estimate(g["final_acc"].tolist())
+        row = {
             **dict(zip(GROUP_KEYS, key)),
-            "acc (last epoch)": _fmt_mean_std(g["final_acc"]),
-            "acc_mean": g["final_acc"].mean(),
-            "acc_std": g["final_acc"].std(ddof=1) if len(g) > 1 else float("nan"),
-            "n seeds": int(g["seed"].nunique()),
-            "best-epoch acc (test-selected)": _fmt_mean_std(g["best_acc"]),
+            "acc (last epoch)": _fmt_mean_std(score),
+            "95% CI": _fmt_ci(score),
+            "n seeds": score.n,
+            "best-epoch acc (test-selected)": _fmt_mean_std(estimate(g["best_acc"].dropna().tolist())),
             "teacher acc": f"{g['teacher_acc'].mean():.2f}" if g["teacher_acc"].notna().any() else "-",
             "images": int(g["images"].mean()) if g["images"].notna().any() else 0,
             "synthesis s": round(float(g["synth_seconds"].mean()), 1),
             "total s": round(float(g["total_seconds"].mean()), 1),
-        })
-    return pd.DataFrame(rows)
+            "acc_mean": score.mean, "acc_std": score.std, "ci95_low": score.ci_low, "ci95_high": score.ci_high,
+        }
+        if "at_epoch" in g:
+            row["epochs at budget"] = _epoch_span(g["at_epoch"])
+        rows.append(row)
+        samples.append(g["final_acc"].tolist())
+    if not rows:
+        return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    marks: dict[int, Mark] = {}
+    contenders = table[[not is_baseline(m) for m in table["method"]]]
+    for _, g in contenders.groupby(SETTING_KEYS, sort=False, dropna=False):
+        marks.update(best_group({i: samples[i] for i in g.index}))
+    table["best group"] = [marks[i].mark if i in marks else "-" for i in table.index]
+    table["p vs best"] = [_fmt_p(marks.get(i)) for i in table.index]
+    table["p_vs_best"] = [marks[i].p if i in marks else float("nan") for i in table.index]
+    return table
 
 
-DISPLAY_COLUMNS = GROUP_KEYS + ["acc (last epoch)", "n seeds", "best-epoch acc (test-selected)", "teacher acc",
+DISPLAY_COLUMNS = GROUP_KEYS + ["acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best",
+                                "epochs at budget", "best-epoch acc (test-selected)", "teacher acc",
                                 "images", "synthesis s", "total s"]
+# machine-readable copies of the statistics, for the csv format only
+NUMERIC_COLUMNS = ["acc_mean", "acc_std", "ci95_low", "ci95_high", "p_vs_best"]
+
+NOTE = ("Score: test accuracy of the last epoch (with --at: of the last epoch within the budget), mean ± sample "
+        f"std over n seeds; {CONFIDENCE:.0%} CI: t-interval of the mean. best group: per dataset/teacher/student/"
+        "preset, 'best' is the method with the highest mean; 'yes' = not significantly worse than it, 'no' = worse "
+        f"(Welch's t-test, unequal variances, two-sided p < {ALPHA}, no multiple-comparison correction); n/a = the "
+        "method or the best has fewer than 2 seeds, so nothing is tested; '-' = baseline (reference row, not "
+        "ranked). The best-epoch column is selected on the test set and is not a score.")
 
 
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs left out of every average: failed ones, and finished ones without a score (no epoch
+    within the ``--at`` budget)."""
     if df.empty:
         return df
-    return df[~df["status"].isin(["complete", "budget"])][["run", "status", "reason"]]
+    out = df[~df.index.isin(_scored(df).index)][["run", "status", "reason"]].copy()
+    finished = out["status"].isin(FINISHED)
+    no_epoch = "no epoch within the --at budget" if "at_epoch" in df else "no epoch recorded"
+    out.loc[finished, "reason"] = no_epoch
+    return out
 
 
 def to_format(table: pd.DataFrame, fmt: str, extra: list[str] | None = None) -> str:
-    """The table as csv, markdown or latex, with the display columns plus ``extra``."""
-    table = table[[c for c in DISPLAY_COLUMNS + (extra or []) if c in table.columns]]
+    """The table as csv, markdown (with the note below it) or latex (the note as a comment above it),
+    with the display columns plus ``extra``; csv also carries the numeric statistics."""
+    numeric = NUMERIC_COLUMNS if fmt == "csv" else []
+    table = table[[c for c in DISPLAY_COLUMNS + (extra or []) + numeric if c in table.columns]]
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "markdown":
-        return _markdown(table)
+        return _markdown(table) + "\n" + NOTE + "\n"
     if fmt == "latex":
-        return table.to_latex(index=False, escape=True).replace("±", r"$\pm$")
+        return f"% {NOTE}\n" + table.to_latex(index=False, escape=True).replace("±", r"$\pm$")
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -150,4 +231,5 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["collect", "summarize", "to_format", "failed_runs", "find_runs", "load_run", "read_metrics", "METRICS"]
+__all__ = ["collect", "summarize", "to_format", "failed_runs", "find_runs", "load_run", "read_metrics", "METRICS",
+           "is_baseline", "within_budget", "NOTE"]

@@ -323,6 +323,31 @@ def check_model_input(model: nn.Module, name: str, in_chans: int, image_size: in
                         f"expected (2, {num_classes})")
 
 
+def stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the network's stages, shallow to deep.
+
+    For the zoo: a WRN's three block groups (the last one's output comes *before* the final
+    BN-ReLU, as in the reference code's ``return_features``), a ResNet's four layers, and for a
+    VGG the ReLU that ends each resolution. Other timm models: the modules named by their
+    ``feature_info``. Hooks on these modules give feature-based losses (attention transfer,
+    CSD's feature alignment) their maps without a second forward pass.
+    """
+    if isinstance(model, WideResNet):
+        return [model.block1, model.block2, model.block3]
+    if isinstance(model, SmallImageResNet):
+        return [model.layer1, model.layer2, model.layer3, model.layer4]
+    if isinstance(model, SmallImageVGG):
+        layers = list(model.features)
+        ends = [layers[i - 1] for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        return ends + [layers[-1]]
+    info = getattr(model, "feature_info", None)
+    if info:
+        names = [f["module"] for f in (info.get_dicts() if hasattr(info, "get_dicts") else info)]
+        return [model.get_submodule(name) for name in names]
+    raise DfkdError(f"{type(model).__name__} names no stages (no feature_info); "
+                    "a loss on intermediate feature maps cannot use it")
+
+
 def feature_dims(model: nn.Module, in_chans: int, image_size: int) -> tuple[tuple[int, ...], int]:
     """Shape of ``forward_features`` (without batch) and width of the pooled pre-logits."""
     was_training = model.training

@@ -153,9 +153,12 @@ def test_compare_markdown_has_the_run_row(cli_run):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("| dataset | teacher | student | method |")
-    row = f"| {TINY} | wrn16_1 | wrn16_1 | deepinversion | kl | quick | {summary['final_acc']:.2f} | 1 |"
+    # one seed: the score has no spread, no interval and no significance mark
+    row = (f"| {TINY} | wrn16_1 | wrn16_1 | deepinversion | kl | quick | {summary['final_acc']:.2f} ± n/a | n/a | 1 "
+           "| n/a |")
     assert sum(line.startswith(row) for line in lines) == 1
-    assert len(lines) == 3  # header, separator, one row
+    assert len(lines) == 5  # header, separator, one row, a blank line, the note on the statistics
+    assert "Welch's t-test" in lines[-1]
 
 
 def test_compare_csv_to_a_file(cli_run, tmp_path):
@@ -167,7 +170,8 @@ def test_compare_csv_to_a_file(cli_run, tmp_path):
     assert len(rows) == 1
     row = rows[0]
     assert row["method"] == "deepinversion" and row["dataset"] == TINY
-    assert row["acc (last epoch)"] == f"{summary['final_acc']:.2f}"
+    assert row["acc (last epoch)"] == f"{summary['final_acc']:.2f} ± n/a" and row["95% CI"] == "n/a"
+    assert float(row["acc_mean"]) == summary["final_acc"]
     assert row["teacher acc"] == f"{summary['teacher_acc']:.2f}"
     assert int(row["images"]) == summary["images"]
 
@@ -195,7 +199,7 @@ def test_compare_table_lists_the_run(cli_run):
     assert result.exit_code == 0, result.output
     rows = _table_rows(result.stdout)
     assert rows[TINY][3] == "deepinversion"
-    assert rows[TINY][6] == f"{summary['final_acc']:.2f}"
+    assert rows[TINY][6] == f"{summary['final_acc']:.2f} ± n/a"
 
 
 # ---------------------------------------------------------------- teachers

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_runner
 
-from dfkd_bench.engine import POOL
 from dfkd_bench.methods.cmi import CMI, MemoryBank, info_nce
 from dfkd_bench.registry import get_preset
+from dfkd_bench.rundir import POOL
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from conftest import TINY, TINY_CLASSES, TINY_SHAPE, tiny_runner
 
 from dfkd_bench.config import resolve_config
-from dfkd_bench.engine import METRICS, read_metrics
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.method import LossContext, Outputs
 from dfkd_bench.methods.csd import CSD, CSDLoss, rotate_with_labels
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS
+from dfkd_bench.rundir import METRICS, read_metrics
 from dfkd_bench.zoo import create_model
 
 

@@ -85,6 +85,7 @@ def test_metrics_have_one_record_per_epoch_with_counters_and_named_terms(di_run)
         assert r["synth/bn"] > 0 and r["kd/kd"] >= 0
     assert records[1]["synth_seconds"] >= records[0]["synth_seconds"]  # cumulative
     assert records[1]["lr"] < records[0]["lr"]  # cosine annealing over the epochs
+    assert records[-1]["lr"] == 0.0  # to the default floor, lr_min = 0
 
 
 def test_summary_records_scores_budgets_and_provenance(di_run, tiny_store):
@@ -135,7 +136,7 @@ def test_compare_reads_the_run(di_run):
     assert row["final_acc"] == summary["final_acc"] and row["seed"] == 0
     table = summarize(df)
     assert len(table) == 1
-    assert table.iloc[0]["acc (last epoch)"] == f"{summary['final_acc']:.2f}"
+    assert table.iloc[0]["acc (last epoch)"] == f"{summary['final_acc']:.2f} ± n/a"
     assert table.iloc[0]["n seeds"] == 1
     assert table.iloc[0]["images"] == summary["images"]
     assert "deepinversion" in to_format(table, "markdown")
@@ -251,7 +252,7 @@ def test_nan_loss_fails_the_run_and_compare_does_not_average_it(tiny_store, tmp_
     row = table.iloc[0]
     assert row["n seeds"] == 1
     assert row["acc_mean"] == good["final_acc"]
-    assert row["acc (last epoch)"] == f"{good['final_acc']:.2f}"
+    assert row["acc (last epoch)"] == f"{good['final_acc']:.2f} ± n/a"
     assert failed_runs(df)["reason"].tolist() == [failed["reason"]]
 
 
@@ -290,6 +291,49 @@ def test_nan_images_fail_the_run(register_toy, tiny_store, tmp_path):
     assert summary["status"] == "failed"
     assert "non-finite images" in summary["reason"]
     assert summary["images"] == 0  # nothing entered the pool
+
+
+class _FreshToy(Synthesizer):
+    """An online method: no pool, a new batch of constant images for every student step."""
+
+    name = "test-fresh"
+    summary = "test only"
+    batch_source = "fresh"
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, ctx, cfg):
+        super().__init__(ctx, cfg)
+        self.made: list[torch.Tensor] = []
+        self.seen: list[torch.Tensor] = []
+
+    def synthesize(self) -> SynthBatch:
+        c, h, w = self.ctx.image_shape
+        return SynthBatch(torch.empty(0, c, h, w), teacher_passes=3)  # a generator step, nothing pooled
+
+    def sample(self, n: int) -> SynthBatch:
+        images = torch.full((n, *self.ctx.image_shape), (len(self.made) % 5 + 1) / 10, device=self.ctx.device)
+        self.made.append(images)
+        return SynthBatch(images, teacher_passes=0)
+
+    def after_student_step(self, x, y):
+        self.seen.append(x)
+        return {}
+
+
+def test_fresh_methods_train_on_a_new_batch_every_step_and_pool_nothing(register_toy, tiny_store, tmp_path):
+    runner = tiny_runner(register_toy(_FreshToy), tmp_path / "run", tiny_store, {"kd_augment": "false"})
+    summary = runner.run()
+    method, steps = runner.method, TINY_RUN["ep_steps"] * TINY_RUN["epochs"]
+    assert summary["status"] == "complete" and len(runner.pool) == 0
+    assert len(method.made) == len(method.seen) == steps  # one fresh batch per student step
+    for made, seen in zip(method.made, method.seen):
+        assert torch.allclose(seen, runner.normalizer(made))  # the student got exactly that batch
+    assert summary["images"] == steps * TINY_RUN["batch_size"]  # trained-on images count as synthesized
+    assert summary["teacher_passes"] == 3 * TINY_RUN["epochs"] * ROUNDS_PER_EPOCH
+    assert (tmp_path / "run" / "samples.png").is_file()  # the last fresh batch
 
 
 def test_rerunning_a_failed_folder_starts_clean(tiny_store, tmp_path, monkeypatch):
@@ -342,6 +386,8 @@ def test_preset_values_apply_and_set_overrides_them():
     ({"batch_size": "-8"}, "batch_size must be positive"),
     ({"max_images": "-1"}, "max_images must be zero"),
     ({"warmup_epochs": "5", "epochs": "5"}, "warmup_epochs"),
+    ({"lr_min": "0.5", "lr": "0.1"}, "lr_min (0.5) must not exceed lr"),
+    ({"lr_min": "-1"}, "lr_min must be a finite non-negative number"),
     ({"loss": "no_such_loss"}, "unknown distillation loss 'no_such_loss'"),
 ])
 def test_bad_set_values_are_user_errors(overrides, message):

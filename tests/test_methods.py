@@ -8,8 +8,8 @@ from collections import defaultdict
 import pytest
 from conftest import tiny_runner
 
-from dfkd_bench.engine import CONFIG, METRICS, SAMPLES, STUDENT, SUMMARY, read_metrics
 from dfkd_bench.registry import SYNTHESIZERS
+from dfkd_bench.rundir import CONFIG, METRICS, SAMPLES, STUDENT, SUMMARY, read_metrics
 
 METHODS = [name for name, cls in SYNTHESIZERS.items() if not cls.is_baseline]
 

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from dfkd_bench.pool import SamplePool, quantize
+from dfkd_bench.pool import PassSampler, SamplePool, quantize
 
 SHAPE = (3, 4, 4)
 
@@ -52,32 +52,43 @@ def test_float_images_are_quantized_to_uint8():
                                                                                              dtype=torch.uint8))
 
 
-def test_sample_is_a_batch_of_distinct_pool_entries():
+def test_a_pass_draws_every_image_once_and_ends_with_a_short_batch():
     pool = SamplePool()
-    images, _ = _fill(pool, _batches(4, 8))
-    g = torch.Generator().manual_seed(3)
-    batch, labels = pool.sample(10, g)
-    assert batch.shape == (10, *SHAPE) and batch.dtype == torch.uint8
-    assert len(set(labels.tolist())) == 10  # without replacement within a batch
-    assert torch.equal(batch, images[labels])  # each image travels with its label
-    seen = set()
-    for _ in range(40):
-        seen.update(pool.sample(8, g)[1].tolist())
-    assert seen == set(range(32))  # uniform over all chunks, old ones included
+    images, _ = _fill(pool, _batches(4, 8))  # 32 images, labels 0..31
+    sampler = PassSampler(torch.Generator().manual_seed(3))
+    batches = [sampler.next_batch(pool, 10) for _ in range(4)]
+    assert [len(b[0]) for b in batches] == [10, 10, 10, 2]  # drop_last=False, as the reference loaders
+    drawn = torch.cat([labels for _, labels in batches])
+    assert sorted(drawn.tolist()) == list(range(32))  # each image exactly once, old chunks included
+    for batch, labels in batches:
+        assert batch.dtype == torch.uint8 and torch.equal(batch, images[labels])  # images travel with labels
+    assert len(sampler.next_batch(pool, 10)[0]) == 10  # a used-up pass starts the next one
 
 
-def test_sample_is_reproducible_with_a_seeded_generator():
+def test_restart_begins_a_new_pass_over_the_grown_pool():
+    pool = SamplePool()
+    _fill(pool, _batches(2, 8))  # labels 0..15
+    sampler = PassSampler(torch.Generator().manual_seed(0))
+    sampler.next_batch(pool, 4)  # a pass is under way
+    new_images, _ = _batches(1, 8, seed=5)[0]
+    pool.add(new_images, torch.arange(16, 24))
+    sampler.restart()
+    drawn = torch.cat([sampler.next_batch(pool, 4)[1] for _ in range(6)])
+    assert sorted(drawn.tolist()) == list(range(24))  # one whole pass over the grown pool, new images included
+
+
+def test_passes_are_reproducible_with_a_seeded_generator():
     pool = SamplePool()
     _fill(pool, _batches(3, 6))
-    a = pool.sample(5, torch.Generator().manual_seed(11))
-    b = pool.sample(5, torch.Generator().manual_seed(11))
+    a = PassSampler(torch.Generator().manual_seed(11)).next_batch(pool, 5)
+    b = PassSampler(torch.Generator().manual_seed(11)).next_batch(pool, 5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_pool_errors():
     pool = SamplePool()
     with pytest.raises(RuntimeError, match="empty"):
-        pool.sample(4)
+        PassSampler(torch.Generator()).next_batch(pool, 4)
     with pytest.raises(ValueError, match="labels"):
         pool.add(torch.zeros(3, *SHAPE, dtype=torch.uint8), torch.arange(2))
 
@@ -100,8 +111,8 @@ def test_spill_to_disk_keeps_contents_identical(tmp_path):
     idx = torch.tensor([0, 5, 23, 12, 3])
     assert torch.equal(spilled.gather(idx)[0], images[idx])
     for seed in range(3):
-        a = spilled.sample(7, torch.Generator().manual_seed(seed))
-        b = in_memory.sample(7, torch.Generator().manual_seed(seed))
+        a = PassSampler(torch.Generator().manual_seed(seed)).next_batch(spilled, 7)
+        b = PassSampler(torch.Generator().manual_seed(seed)).next_batch(in_memory, 7)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert torch.equal(a[0], images[a[1]])
 
@@ -132,8 +143,8 @@ def test_state_dict_round_trip_through_a_weights_only_checkpoint(tmp_path, with_
     assert torch.equal(a_images, b_images)
     assert (a_labels is None and b_labels is None) or torch.equal(a_labels, b_labels)
     assert restored.state_dict()["chunks"] == state["chunks"]
-    x = pool.sample(6, torch.Generator().manual_seed(5))[0]
-    y = restored.sample(6, torch.Generator().manual_seed(5))[0]
+    x = PassSampler(torch.Generator().manual_seed(5)).next_batch(pool, 6)[0]
+    y = PassSampler(torch.Generator().manual_seed(5)).next_batch(restored, 6)[0]
     assert torch.equal(x, y)
 
 

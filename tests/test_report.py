@@ -11,9 +11,9 @@ from conftest import TINY_RUN, tiny_runner
 from PIL import Image
 
 from dfkd_bench.cli import cli
-from dfkd_bench.engine import METRICS, SUMMARY, read_metrics
 from dfkd_bench.report import PLOT_DPI, PLOT_SIZE, write_report
-from dfkd_bench.results import accuracy_at, collect, summarize
+from dfkd_bench.results import collect, summarize, within_budget
+from dfkd_bench.rundir import METRICS, SUMMARY, read_metrics
 
 BASELINES = ["teacher", "kd-real", "student-real", "kd-noise"]
 
@@ -53,14 +53,14 @@ def test_student_real_learns_from_labels(tiny_store, tmp_path):
     assert summary["final_acc"] > 100 / 4 + 15  # well above chance on 4 separable classes
 
 
-def test_accuracy_at_budget_reads_the_curve():
+def test_within_budget_reads_the_curve():
     metrics = [{"epoch": 0, "test_acc": 10.0, "images": 100, "elapsed_seconds": 5.0},
                {"epoch": 1, "test_acc": 20.0, "images": 200, "elapsed_seconds": 9.0},
                {"epoch": 2, "test_acc": 30.0, "images": 300, "elapsed_seconds": 20.0}]
-    assert accuracy_at(metrics, "images", 250) == (20.0, 1)
-    assert accuracy_at(metrics, "images", 300) == (30.0, 2)
-    assert accuracy_at(metrics, "seconds", 4) == (None, None)
-    assert accuracy_at(metrics, "epochs", 1) == (10.0, 0)
+    assert within_budget(metrics, "images", 250) == metrics[:2]
+    assert within_budget(metrics, "images", 300) == metrics
+    assert within_budget(metrics, "seconds", 4) == []
+    assert within_budget(metrics, "epochs", 1) == metrics[:1]
 
 
 def test_compare_at_equal_images(results_root):

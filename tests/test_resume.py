@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import tiny_runner
 
-from dfkd_bench.engine import CHECKPOINT, METRICS, STUDENT, SUMMARY, read_metrics
 from dfkd_bench.registry import SYNTHESIZERS
+from dfkd_bench.rundir import CHECKPOINT, METRICS, STUDENT, SUMMARY, read_metrics
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,7 +29,8 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)  # as the parent (conftest): bitwise-equal floats need the same thread count
     from conftest import tiny_runner
-    from dfkd_bench.engine import CHECKPOINT, Runner
+    from dfkd_bench.engine import Runner
+    from dfkd_bench.rundir import CHECKPOINT
 
     run_dir, store, method, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
     marker = run_dir.parent / "mid-epoch"

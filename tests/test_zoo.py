@@ -21,6 +21,7 @@ from dfkd_bench.zoo import (
     feature_dims,
     paper_student,
     resolve_model_name,
+    stage_modules,
 )
 
 
@@ -144,3 +145,20 @@ def test_paper_student_follows_the_teacher_under_any_of_its_names(teacher, stude
 def test_the_run_config_takes_the_teachers_paper_student(fields, overrides, expected):
     cfg, _, _ = resolve_config("deepinversion", "quick", overrides, **fields)
     assert cfg.student == expected
+
+
+@pytest.mark.parametrize("name,stages", [("wrn16_1", 3), ("cifar_resnet18", 4), ("cifar_vgg8_bn", 5),
+                                         ("resnet10t", 5)])  # timm counts its stem
+def test_stage_modules_give_maps_shallow_to_deep(name, stages):
+    model = timm.create_model(name, num_classes=10, in_chans=1).eval()
+    maps = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in stage_modules(model)]
+    with torch.no_grad():
+        model(torch.randn(2, 1, 32, 32))
+    for h in handles:
+        h.remove()
+    assert len(maps) == stages
+    sizes = [m.shape[-1] for m in maps]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # resolution falls with depth
+    if name == "wrn16_1":  # the last stage comes before the final BN-ReLU: it can be negative
+        assert maps[-1].min() < 0 and model.forward_features(torch.randn(2, 1, 32, 32)).min() >= 0
