@@ -205,9 +205,14 @@ def _download_cifar(layout: _CifarLayout, root: Path) -> None:
         getattr(tvd, layout.torchvision_class)(str(root), train=True, download=True)
     except Exception as exc:  # offline: urllib/ssl/OSError, whatever torchvision raises
         wanted = ", ".join(sorted({n for names in layout.splits.values() for n in names}))
-        raise DfkdError(f"{layout.torchvision_class} not found in {root / layout.folder} and download failed "
-                        f"({type(exc).__name__}); put {layout.archive} in {root}, or its extracted folder "
-                        f"{layout.folder}/ ({wanted}) there; the data root is $DFKD_BENCH_DATA or ./data") from None
+        archive = root / layout.archive
+        # torchvision only uses an archive whose MD5 it knows; a present one failed that check
+        what = (f"{archive} does not match torchvision's MD5 and download failed ({type(exc).__name__}); replace it"
+                if archive.is_file() else
+                f"{layout.torchvision_class} not found in {root / layout.folder} and download failed "
+                f"({type(exc).__name__}); put {layout.archive} in {root}")
+        raise DfkdError(f"{what}, or its extracted folder {layout.folder}/ ({wanted}) there; the data root is "
+                        "$DFKD_BENCH_DATA or ./data") from None
 
 
 def _register(spec: DatasetSpec) -> None:

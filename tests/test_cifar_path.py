@@ -82,6 +82,13 @@ def test_missing_folder_offline_names_the_folder_and_the_archive(dataset, folder
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
 
 
+def test_an_archive_torchvision_rejects_is_named(offline, tmp_path, monkeypatch):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    monkeypatch.setenv("DFKD_BENCH_DATA", str(tmp_path))
+    with pytest.raises(DfkdError, match="cifar-10-python.tar.gz does not match torchvision's MD5.*replace it"):
+        get_dataset("cifar10").load("test")
+
+
 def _copy_of_fake_cifar10(fake_cifar, tmp_path) -> Path:
     import shutil
 
