@@ -115,7 +115,7 @@ def _run_task(request: RunRequest, plugins: tuple[str, ...], threads: int) -> di
     try:
         load_plugins(plugins)
         summary, _ = cli._execute(request.method, request.preset, request.fields, request.overrides, request.loss,
-                                  request.output, None, None, request.teacher_store)
+                                  request.output, None, None, request.teacher_store, False)
     except DfkdError as exc:
         return {"error": str(exc)}
     return {"summary": summary}

@@ -84,16 +84,19 @@ class _RichReporter:
                                     f"distillation {record['distill_seconds']:.0f}s")
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- run
+
+STUDENT_HELP = ("Zoo or timm model name. Default: the teacher's paired student (resnet34, vgg11 -> resnet18; "
+                "wrn40_2, wrn16_2 -> wrn16_1), else wrn16_1.")
 
 @cli.command()
 @click.option("--method", required=True, help="A registered method (see `dfkd-bench methods`).")
 @click.option("--dataset", default="fashion-mnist", show_default=True)
 @click.option("--teacher", default="wrn16_2", show_default=True, help="Zoo or timm model name.")
-@click.option("--student", default="wrn16_1", show_default=True, help="Zoo or timm model name.")
+@click.option("--student", default=None, help=STUDENT_HELP)
 @click.option("--preset", default="quick", show_default=True, help="A preset of the method: paper, quick, cpu, ...")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--loss", default=None, help="Distillation loss (default: the method's paper default).")
@@ -116,20 +119,29 @@ class _RichReporter:
 @click.option("--ddp", default=None, type=click.IntRange(min=1), metavar="N",
               help="Data-parallel in N local processes (gloo on CPU, NCCL on CUDA), as "
                    "`torchrun --nproc_per_node=N -m dfkd_bench run ...` does.")
+@click.option("--train-teacher/--no-train-teacher", default=True, show_default=True,
+              help="Train a missing teacher with its dataset's recipe (as `teacher train`), or stop with exit 2.")
 def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, budgets, output, name,
-        resume_dir, init_bank, teacher_store, device, ddp) -> None:
+        resume_dir, init_bank, teacher_store, device, ddp, train_teacher) -> None:
     """Run one method under the shared protocol and write a run folder."""
     from .config import parse_assignments
 
-    if ddp:
-        return _spawn_ranks(ddp)
-    _join_process_group(device)
     overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     if resume_dir is not None and not (Path(resume_dir) / "config.json").is_file():
         raise DfkdError(f"nothing to resume: {Path(resume_dir) / 'config.json'} does not exist")
     fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, epochs=epochs, device=device,
                   init_bank=str(init_bank) if init_bank else None)
-    summary, run_dir = _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store)
+    if ddp:
+        if train_teacher:  # once, here: the ranks only load it
+            from .config import resolve_config
+
+            cfg, _, _ = resolve_config(method, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
+            with _progress() as progress:
+                _ensure_teacher(progress, cfg, teacher_store, True)
+        return _spawn_ranks(ddp)
+    _join_process_group(device)
+    summary, run_dir = _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store,
+                                train_teacher)
     if summary["status"] == "failed":
         err_console.print(f"[bold red]run failed:[/] {summary['reason']} (see {run_dir / 'summary.json'})")
         sys.exit(1)
@@ -188,8 +200,9 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store):
-    """Resolve the config, build the runner and run it with a progress bar. Returns (summary, run folder)."""
+def _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store, train_teacher):
+    """Resolve the config, make sure the teacher exists (training it unless ``train_teacher`` is False),
+    build the runner and run it with a progress bar. Returns (summary, run folder)."""
     from .config import resolve_config
     from .engine import Runner
 
@@ -199,14 +212,44 @@ def _execute(method, preset, fields, overrides, loss, output, name, resume_dir, 
     cfg, method_cfg, loss_cfg = resolve_config(method, preset, overrides, **fields)
     run_dir = Path(resume_dir) if resume_dir is not None else Path(output) / (name or default_run_name(cfg))
     with _progress() as progress:
+        _ensure_teacher(progress, cfg, teacher_store, train_teacher)
         reporter = _RichReporter(progress)
         runner = Runner(cfg, method_cfg, loss_cfg, run_dir, teacher_store, reporter)
+        given = fields.get("student") is not None or "student" in overrides
         reporter.message(f"{cfg.method}: teacher {cfg.teacher} -> {runner.teacher_meta['arch']} "
                          f"({_fmt_acc(runner.teacher_meta.get('test_accuracy'))}% on {cfg.dataset}), "
-                         f"student {cfg.student} -> {runner.student.dfkd_name}, device {runner.device}, "
-                         f"run folder {run_dir}")
+                         f"student {cfg.student} -> {runner.student.dfkd_name} ({student_reason(cfg, given)}), "
+                         f"device {runner.device}, run folder {run_dir}")
         summary = runner.run()
     return summary, run_dir
+
+
+def student_reason(cfg, given: bool) -> str:
+    """Why the run uses this student: the user's choice, the teacher's paper pair, or the fallback."""
+    from .zoo import paper_student
+
+    if given:
+        return "as given"
+    if paper_student(cfg.teacher) == cfg.student:
+        return f"the paired student for a {cfg.teacher} teacher; --student picks another"
+    return f"no pair lists a {cfg.teacher} teacher, so the default; --student picks another"
+
+
+def _ensure_teacher(progress: Progress, cfg, store: Path | None, train: bool) -> None:
+    """Train the teacher of ``cfg`` with its dataset's recipe when the store has none (as `teacher train`)."""
+    from .data import get_dataset
+    from .teachers import default_store, default_train_config, find_teacher, load_teacher
+
+    if cfg.teacher_checkpoint:
+        return
+    spec = get_dataset(cfg.dataset)
+    store = Path(store) if store else default_store()
+    if find_teacher(spec, cfg.teacher, store) is not None:
+        return
+    if not train or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would each train it: train it first
+        load_teacher(spec, cfg.teacher, store)  # raises the one-line error naming the command
+    recipe = default_train_config(cfg.dataset)
+    _train_teacher(progress, spec, cfg.teacher, recipe, store, cfg.device, missing=True)
 
 
 def default_run_name(cfg) -> str:
@@ -348,7 +391,7 @@ def _csv_list(value: str, cast=str) -> list:
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--dataset", default="fashion-mnist", show_default=True)
 @click.option("--teacher", default="wrn16_2", show_default=True)
-@click.option("--student", default="wrn16_1", show_default=True)
+@click.option("--student", default=None, help=STUDENT_HELP)
 @click.option("--preset", default="quick", show_default=True)
 @click.option("--loss", default=None, help="Distillation loss for every method (default: each method's own).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE")
@@ -362,8 +405,9 @@ def _csv_list(value: str, cast=str) -> list:
 @click.option("--address", default=None, help="Ray cluster: auto, or ray://host:port (default: a local instance).")
 @click.option("--cpus-per-run", type=click.IntRange(min=1), default=None, help="Ray: CPUs per run [1].")
 @click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None, help="Ray: GPUs per run [0].")
+@click.option("--train-teacher/--no-train-teacher", default=True, show_default=True, help="As for `run`.")
 def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignments, budgets, output,
-          teacher_store, device, backend, address, cpus_per_run, gpus_per_run) -> None:
+          teacher_store, device, backend, address, cpus_per_run, gpus_per_run, train_teacher) -> None:
     """Run a grid of methods x seeds (one after another, or on Ray), then print the compare table;
     finished runs are skipped, interrupted ones resume."""
     from .config import parse_assignments, resolve_config
@@ -380,11 +424,12 @@ def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignmen
             for name in names for seed in seed_list]
     if backend == "ray":
         failed = _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run or 1,
-                               gpus_per_run or 0.0)
+                               gpus_per_run or 0.0, train_teacher)
     else:
         failed = 0
         for name, fields in grid:
-            summary, run_dir = _execute(name, preset, fields, overrides, loss, output, None, None, teacher_store)
+            summary, run_dir = _execute(name, preset, fields, overrides, loss, output, None, None, teacher_store,
+                                        train_teacher)
             if summary["status"] == "failed":
                 failed += 1
                 err_console.print(f"[bold red]failed:[/] {run_dir}: {summary['reason']}")
@@ -396,8 +441,10 @@ def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignmen
         sys.exit(1)
 
 
-def _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run, gpus_per_run) -> int:
-    """The sweep's runs as Ray tasks (dfkd_bench.backends). Returns how many failed."""
+def _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run, gpus_per_run,
+                  train_teacher) -> int:
+    """The sweep's runs as Ray tasks (dfkd_bench.backends). Returns how many failed. A missing teacher is
+    trained here, once, before any task starts (parallel tasks would each train it)."""
     from .backends import RunRequest, import_ray, run_on_ray
     from .config import resolve_config
     from .teachers import default_store
@@ -405,11 +452,15 @@ def _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address,
     import_ray()  # a missing extra is reported before anything else
     # absolute paths: a worker's working directory is not this one
     output, teacher_store = Path(output).resolve(), Path(teacher_store or default_store()).resolve()
-    requests = []
+    requests, teachers = [], {}
     for name, fields in grid:
         cfg, _, _ = resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
+        teachers.setdefault((cfg.dataset, cfg.teacher, cfg.teacher_checkpoint), cfg)
         requests.append(RunRequest(name, preset, fields, overrides, loss, output, teacher_store,
                                    output / default_run_name(cfg), cfg.to_dict()))
+    with _progress() as progress:
+        for cfg in teachers.values():
+            _ensure_teacher(progress, cfg, teacher_store, train_teacher)
     plugins = click.get_current_context().find_root().params["plugins"]
     return run_on_ray(requests, plugins, address, cpus_per_run, gpus_per_run, console.print)
 
@@ -424,35 +475,91 @@ def teacher() -> None:
 @teacher.command("train")
 @click.option("--dataset", default="fashion-mnist", show_default=True)
 @click.option("--arch", required=True, help="Zoo or timm model name, e.g. wrn16_2, resnet34.")
-@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Default: the dataset's recipe (fashion-mnist 4, cifar10/cifar100 200).")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Default: the dataset's recipe (fashion-mnist 128, cifar10/cifar100 256).")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Peak (one-cycle) or initial (multistep) learning rate; default 0.1.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--limit", default=0, type=click.IntRange(min=0), help="Use only the first N training images.")
+@click.option("--limit", default=None, type=click.IntRange(min=0), help="Use only the first N training images.")
+@click.option("--half", is_flag=True, default=None, help="Store float16 weights (half the file; loads as float32).")
 @click.option("--store", type=click.Path(path_type=Path), default=None,
               help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
 @click.option("--device", default="auto", show_default=True)
-def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, store, device) -> None:
-    """Train a teacher on the real training set and store it with its sidecar."""
+def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, half, store, device) -> None:
+    """Train a teacher on the real training set and store it with its sidecar.
+
+    Every epoch but the last leaves a checkpoint; the same command resumes an interrupted training.
+    """
     from .data import get_dataset
-    from .teachers import TeacherTrainConfig, default_store, train_teacher
+    from .teachers import default_store, default_train_config
 
     spec = get_dataset(dataset)
     store = store or default_store()
-    cfg = TeacherTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit)
+    cfg = default_train_config(dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
+                               half=half)
     with _progress() as progress:
-        task = progress.add_task(f"teacher {arch} on {dataset}", total=None, info="")
-
-        def on_step(done: int, total: int, epoch: int, loss: float) -> None:
-            if done % 10 == 0 or done == total:
-                progress.update(task, completed=done, total=total, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
-
-        def on_epoch(epoch: int, acc: float) -> None:
-            progress.console.print(f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.2f}%")
-
-        meta = train_teacher(spec, arch, cfg, store, device=device, on_step=on_step, on_epoch=on_epoch)
+        meta = _train_teacher(progress, spec, arch, cfg, store, device, missing=False)
     console.print(f"stored {meta['arch']} for {dataset}: test accuracy {meta['test_accuracy']:.2f}%, "
                   f"sha256 {meta['sha256'][:16]}..., in {store / dataset}")
+
+
+class _TeacherProgress:
+    """Progress bar, estimate line and per-epoch accuracy of a teacher training (``teachers.TrainProgress``)."""
+
+    def __init__(self, progress: Progress, headline: str, cfg):
+        self.progress, self.headline, self.cfg = progress, headline, cfg
+        self.task, self.total = None, 0
+
+    def start(self, start_epoch: int, done_steps: int, total_steps: int) -> None:
+        self.total = total_steps
+        self.task = self.progress.add_task("teacher", total=total_steps, completed=done_steps, info="")
+        if start_epoch:
+            self.progress.console.print(f"resuming the interrupted teacher training after epoch "
+                                        f"{start_epoch}/{self.cfg.epochs}")
+
+    def estimate(self, seconds: float, timed_steps: int) -> None:
+        timed = _count(timed_steps, "timed step")
+        self.progress.console.print(f"{self.headline}: {_count(self.cfg.epochs, 'epoch')}, "
+                                    f"{_count(self.total, 'step')} of batch {self.cfg.batch_size}; about "
+                                    f"{fmt_duration(seconds)} on this machine (from {timed})",
+                                    highlight=False, soft_wrap=True)
+
+    def step(self, done: int, total: int, epoch: int, loss: float) -> None:
+        if done % 10 == 0 or done == total:
+            self.progress.update(self.task, completed=done, info=f"epoch {epoch + 1}/{self.cfg.epochs} loss {loss:.3f}")
+
+    def epoch(self, epoch: int, accuracy: float) -> None:
+        self.progress.console.print(f"teacher epoch {epoch + 1}/{self.cfg.epochs}: test accuracy {accuracy:.2f}%")
+
+
+def _train_teacher(progress: Progress, spec, arch: str, cfg, store: Path, device: str, missing: bool) -> dict:
+    """Train through ``teachers.train_teacher`` with a progress bar; ``missing``: `run` found no teacher."""
+    from .teachers import train_teacher
+    from .zoo import resolve_model_name
+
+    resolved = resolve_model_name(arch, spec.image_size)
+    what = f"training {resolved} on the {spec.name} training set"
+    if missing:
+        what = f"no {resolved} teacher for {spec.name} in {store}, {what} (--no-train-teacher refuses instead)"
+    return train_teacher(spec, arch, cfg, store, device=device, progress=_TeacherProgress(progress, what, cfg))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def fmt_duration(seconds: float) -> str:
+    """A human reading of a duration: 40 s, 12 min, 2 h 05 min, 3.5 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes:02d} min"
+    return f"{seconds / 86400:.1f} days"
 
 
 @teacher.command("import")

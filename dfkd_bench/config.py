@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import DfkdError
 from .registry import LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
+from .zoo import DEFAULT_STUDENT, paper_student
 
 AMP_DTYPES = ("float16", "bfloat16")
 
@@ -26,7 +27,7 @@ class RunConfig:
     method: str = "deepinversion"
     dataset: str = "fashion-mnist"
     teacher: str = "wrn16_2"
-    student: str = "wrn16_1"
+    student: str = ""  # empty: the teacher's paper pair (zoo.PAPER_STUDENTS), else zoo.DEFAULT_STUDENT
     preset: str = "quick"
     seed: int = 0
     loss: str = ""  # distillation loss; empty means the method's paper default
@@ -175,6 +176,8 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
             valid = list(run_hints) + [f"method.{k}" for k in method_hints] + [f"loss.{k}" for k in loss_hints]
             raise DfkdError(unknown_name_message("setting", key, valid))
     run["method"], run["preset"], run["loss"] = method, preset, loss_name
+    if not run.get("student"):
+        run["student"] = paper_student(run.get("teacher", RunConfig.teacher)) or DEFAULT_STUDENT
     cfg = RunConfig(**run)
     method_cfg = method_cls.Config(**method_values)
     loss_cfg = loss_cls.Config(**loss_values)

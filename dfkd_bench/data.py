@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,27 +133,87 @@ def _load_fashion_mnist(split: str, root: Path) -> tuple[torch.Tensor, torch.Ten
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
 
 
-# ---------------------------------------------------------------- CIFAR (torchvision)
+# ---------------------------------------------------------------- CIFAR (the python-version batches)
 
-def _cifar_loader(cls_name: str, archive: str) -> Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]:
+@dataclass(frozen=True)
+class _CifarLayout:
+    """torchvision's on-disk layout of a CIFAR dataset, as the archive extracts it."""
+
+    folder: str
+    splits: dict[str, tuple[str, ...]]
+    label_key: str
+    archive: str
+    torchvision_class: str
+
+
+_CIFAR10 = _CifarLayout("cifar-10-batches-py",
+                        {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+                        "labels", "cifar-10-python.tar.gz", "CIFAR10")
+_CIFAR100 = _CifarLayout("cifar-100-python", {"train": ("train",), "test": ("test",)}, "fine_labels",
+                         "cifar-100-python.tar.gz", "CIFAR100")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists, dicts and strings, and refuses anything that would run other code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it references {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR batch file -> images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as fh:
+            entry = _ArrayUnpickler(fh, encoding="latin1").load()
+        data, labels = np.asarray(entry["data"]), entry[label_key]
+    except Exception as exc:  # pickle, EOF, key and type errors of a torn or foreign file
+        raise DfkdError(f"{path} is not a CIFAR batch file ({type(exc).__name__}: {exc})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DfkdError(f"{path} is not a CIFAR batch file: data {data.dtype} {data.shape}, {len(labels)} labels")
+    images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)
+    return images, torch.tensor(labels, dtype=torch.long)
+
+
+def _cifar_loader(layout: _CifarLayout, num_classes: int) -> Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]:
     def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        import torchvision.datasets as tvd
-
-        cls = getattr(tvd, cls_name)
-        try:
-            ds = cls(str(root), train=(split == "train"), download=False)
-        except RuntimeError:
-            try:
-                ds = cls(str(root), train=(split == "train"), download=True)
-            except Exception as exc:
-                raise DfkdError(
-                    f"{cls_name} not found in {root} and download failed ({type(exc).__name__}); "
-                    f"put {archive} (or its extracted folder) in {root}"
-                ) from None
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(ds.targets, dtype=torch.long)
+        folder = root / layout.folder
+        files = [folder / name for name in layout.splits[split]]
+        if not all(f.is_file() for f in files):
+            _download_cifar(layout, root)
+        # Read directly rather than through torchvision's class, which also checks each file's MD5:
+        # any copy in this layout is accepted, its content checked below and by read_cifar_batch.
+        parts = [read_cifar_batch(f, layout.label_key) for f in files]
+        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if len(labels) and (labels.min().item() < 0 or labels.max().item() >= num_classes):
+            raise DfkdError(f"{folder} holds labels outside 0..{num_classes - 1}: not {layout.torchvision_class}")
+        return images, labels
 
     return load
+
+
+def _download_cifar(layout: _CifarLayout, root: Path) -> None:
+    """Fetch and extract the archive with torchvision (which checks its MD5), or say what to provide."""
+    try:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, layout.torchvision_class)(str(root), train=True, download=True)
+    except Exception as exc:  # offline: urllib/ssl/OSError, whatever torchvision raises
+        wanted = ", ".join(sorted({n for names in layout.splits.values() for n in names}))
+        archive = root / layout.archive
+        # torchvision only uses an archive whose MD5 it knows; a present one failed that check
+        what = (f"{archive} does not match torchvision's MD5 and download failed ({type(exc).__name__}); replace it"
+                if archive.is_file() else
+                f"{layout.torchvision_class} not found in {root / layout.folder} and download failed "
+                f"({type(exc).__name__}); put {layout.archive} in {root}")
+        raise DfkdError(f"{what}, or its extracted folder {layout.folder}/ ({wanted}) there; the data root is "
+                        "$DFKD_BENCH_DATA or ./data") from None
 
 
 def _register(spec: DatasetSpec) -> None:
@@ -173,9 +234,9 @@ CIFAR100_CLASSES = tuple("""
 
 _register(DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), _load_fashion_mnist, FASHION_MNIST_CLASSES))
 _register(DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                      _cifar_loader("CIFAR10", "cifar-10-python.tar.gz"), CIFAR10_CLASSES))
+                      _cifar_loader(_CIFAR10, 10), CIFAR10_CLASSES))
 _register(DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                      _cifar_loader("CIFAR100", "cifar-100-python.tar.gz"), CIFAR100_CLASSES))
+                      _cifar_loader(_CIFAR100, 100), CIFAR100_CLASSES))
 
 
 # ---------------------------------------------------------------- shared helpers

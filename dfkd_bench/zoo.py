@@ -36,6 +36,13 @@ SMALL_IMAGE_ALIASES = {
 }
 EXPLICIT_TIMM_PREFIX = "timm:"
 
+# A run without --student takes its teacher's student from the pairs of the authors' CIFAR scripts
+# (CMI, Fast, CSD): ResNet-34 and VGG-11 -> ResNet-18, WRN-40-2 -> WRN-16-1 (their WRN-40-1 and
+# WRN-16-2 students are one --student away). WRN-16-2 -> WRN-16-1 is this project's Fashion-MNIST
+# pair (the shipped teacher), a narrower WRN-40-2 -> WRN-16-1.
+PAPER_STUDENTS = {"resnet34": "resnet18", "vgg11": "resnet18", "wrn40_2": "wrn16_1", "wrn16_2": "wrn16_1"}
+DEFAULT_STUDENT = "wrn16_1"  # for a teacher no paper pairs
+
 
 class _SmallImageNet(nn.Module):
     """The part of timm's model interface the zoo's networks share."""
@@ -272,6 +279,15 @@ def resolve_model_name(name: str, image_size: int) -> str:
         raise UnknownNameError(f"unknown model '{name}'{hint} (the zoo: {', '.join(ZOO)}; "
                                "or any name from timm.list_models())")
     return resolved
+
+
+def paper_student(teacher: str) -> str | None:
+    """The student the papers pair with ``teacher`` (``resnet34`` or ``cifar_resnet34`` -> ``resnet18``), or None."""
+    small = SMALL_IMAGE_ALIASES.get(teacher, teacher)
+    for paper_teacher, student in PAPER_STUDENTS.items():
+        if SMALL_IMAGE_ALIASES.get(paper_teacher, paper_teacher) == small:
+            return student
+    return None
 
 
 def create_model(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:

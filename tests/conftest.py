@@ -95,3 +95,70 @@ def register_toy():
     for name in names:
         SYNTHESIZERS.unregister(name)
         PRESETS.unregister(f"{name}:quick")
+
+
+# ---------------------------------------------------------------- a fake CIFAR folder
+
+FAKE_CIFAR_TRAIN, FAKE_CIFAR_TEST = 40, 20  # images per split, in each dataset
+
+
+def _cifar_entry(images, labels, label_key: str, extra: dict) -> dict:
+    """One batch file's dict, as the CIFAR 'python version' holds it: rows of R, then G, then B planes."""
+    return {"data": images.reshape(len(images), -1), label_key: [int(v) for v in labels],
+            "filenames": [f"fake_{i}.png" for i in range(len(images))], **extra}
+
+
+def write_fake_cifar(root: Path, seed: int = 0) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Random 32x32x3 images in torchvision's on-disk layouts of CIFAR-10 and CIFAR-100 below ``root``.
+
+    Returns ``{dataset: {split: (images (N, 3, 32, 32) uint8, labels)}}``, what a reader must give back.
+    """
+    import pickle
+
+    g = torch.Generator().manual_seed(seed)
+    written: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def draw(n: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                torch.randint(0, classes, (n,), generator=g))
+
+    def dump(path: Path, obj: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)  # the protocol the published files use
+
+    folder = root / "cifar-10-batches-py"
+    train, test = draw(FAKE_CIFAR_TRAIN, 10), draw(FAKE_CIFAR_TEST, 10)
+    per_batch = FAKE_CIFAR_TRAIN // 5
+    for i in range(5):
+        part = slice(i * per_batch, (i + 1) * per_batch)
+        dump(folder / f"data_batch_{i + 1}", _cifar_entry(train[0][part].numpy(), train[1][part], "labels",
+                                                           {"batch_label": f"training batch {i + 1} of 5"}))
+    dump(folder / "test_batch", _cifar_entry(test[0].numpy(), test[1], "labels", {"batch_label": "testing batch"}))
+    dump(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)],
+                                   "num_cases_per_batch": per_batch, "num_vis": 3072})
+    written["cifar10"] = {"train": train, "test": test}
+
+    folder = root / "cifar-100-python"
+    train, test = draw(FAKE_CIFAR_TRAIN, 100), draw(FAKE_CIFAR_TEST, 100)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        dump(folder / split, _cifar_entry(images.numpy(), labels, "fine_labels",
+                                          {"coarse_labels": [int(v) // 5 for v in labels], "batch_label": split}))
+    dump(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
+                           "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+    written["cifar100"] = {"train": train, "test": test}
+    return written
+
+
+@pytest.fixture(scope="session")
+def fake_cifar(tmp_path_factory) -> tuple[Path, dict]:
+    """A data root holding the fake CIFAR-10 and CIFAR-100 folders, and what was written to them."""
+    root = tmp_path_factory.mktemp("cifar_data")
+    return root, write_fake_cifar(root)
+
+
+@pytest.fixture
+def cifar_root(fake_cifar, monkeypatch) -> Path:
+    """The fake CIFAR data root, as ``$DFKD_BENCH_DATA`` for this test."""
+    monkeypatch.setenv("DFKD_BENCH_DATA", str(fake_cifar[0]))
+    return fake_cifar[0]

@@ -96,12 +96,13 @@ def test_bad_set_values(assignment, fragment, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
-def test_missing_teacher_says_how_to_train_it(tmp_path):
+def test_missing_teacher_with_no_train_teacher_says_how_to_train_it(tmp_path):
     store = tmp_path / "empty_store"
     store.mkdir()
     line = assert_user_error(invoke("run", "--method", "deepinversion", "--dataset", TINY, "--teacher", "wrn16_2",
-                                    "--teacher-store", store, "--output", tmp_path / "out"))
+                                    "--teacher-store", store, "--output", tmp_path / "out", "--no-train-teacher"))
     assert "dfkd-bench teacher train --dataset tiny --arch wrn16_2" in line
+    assert not any(store.iterdir()) and not (tmp_path / "out").exists()
 
 
 def test_compare_on_an_empty_or_missing_folder(tmp_path):

@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TINY_SPEC
+from click.testing import CliRunner
+from conftest import TINY_SPEC, assert_user_error
 
+from dfkd_bench.cli import cli
+from dfkd_bench.data import Normalizer, evaluate
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.teachers import import_teacher, load_state_dict, load_teacher, teacher_paths
+from dfkd_bench.runtime import sha256_file
+from dfkd_bench.teachers import (
+    TIMED_STEPS,
+    TeacherTrainConfig,
+    TrainProgress,
+    default_train_config,
+    find_teacher,
+    import_teacher,
+    load_state_dict,
+    load_teacher,
+    milestone_epochs,
+    partial_path,
+    teacher_paths,
+    train_teacher,
+)
 from dfkd_bench.zoo import create_model
 
 
@@ -152,3 +171,191 @@ def test_tampered_teacher_fails_its_hash(tiny_store, tmp_path):
     torch.save(state, ckpt)
     with pytest.raises(DfkdError, match="sha256"):
         load_teacher(TINY_SPEC, "wrn16_1", store)
+
+
+# ---------------------------------------------------------------- training: resume, estimate, storage
+
+class _Recorder(TrainProgress):
+    """Records what training reports; raises KeyboardInterrupt after epoch ``stop_after`` (1-based)."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after = stop_after
+        self.starts, self.estimates, self.epochs, self.losses = [], [], [], []
+
+    def start(self, start_epoch, done_steps, total_steps):
+        self.starts.append((start_epoch, done_steps, total_steps))
+
+    def estimate(self, seconds, timed_steps):
+        self.estimates.append((seconds, timed_steps))
+
+    def step(self, done, total, epoch, loss):
+        self.losses.append(loss)
+
+    def epoch(self, epoch, accuracy):
+        self.epochs.append((epoch, accuracy))
+        if self.stop_after is not None and epoch + 1 == self.stop_after:
+            raise KeyboardInterrupt
+
+
+TINY_RECIPE = dict(epochs=3, batch_size=64, lr=0.05)
+
+
+def _weights(store, arch="wrn16_1"):
+    return torch.load(teacher_paths(store, "tiny", arch)[0], weights_only=True)
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    straight = _Recorder()
+    meta = train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(**TINY_RECIPE), tmp_path / "a", progress=straight)
+    interrupted = _Recorder(stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(**TINY_RECIPE), tmp_path / "b", progress=interrupted)
+    partial = partial_path(tmp_path / "b", "tiny", "wrn16_1")
+    assert partial.is_file() and not teacher_paths(tmp_path / "b", "tiny", "wrn16_1")[0].exists()
+    resumed = _Recorder()
+    meta_b = train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(**TINY_RECIPE), tmp_path / "b", progress=resumed)
+    steps = len(straight.losses) // 3
+    assert resumed.starts == [(2, 2 * steps, 3 * steps)]  # picks up after the second epoch
+    assert [e for e, _ in resumed.epochs] == [2]
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_b["epoch_accuracies"] == meta["epoch_accuracies"] and meta_b["sha256"] == meta["sha256"]
+    assert not partial.exists()  # removed once the teacher is stored
+    assert sum(straight.losses[-steps:]) < sum(straight.losses[:steps])  # it did learn
+
+
+def test_a_partial_training_with_other_settings_is_not_resumed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(**TINY_RECIPE), tmp_path, progress=_Recorder(1))
+    partial = partial_path(tmp_path, "tiny", "wrn16_1")
+    before = partial.read_bytes()
+    with pytest.raises(DfkdError, match=r"other settings \(lr 0.05\).*delete the file") as info:
+        train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(**{**TINY_RECIPE, "lr": 0.1}), tmp_path)
+    assert "\n" not in str(info.value)
+    assert partial.read_bytes() == before  # the interrupted work is kept
+    partial.write_bytes(before[:100])
+    with pytest.raises(DfkdError, match="cannot resume the teacher training in .*delete it to start over"):
+        train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(**TINY_RECIPE), tmp_path)
+
+
+def test_the_estimate_comes_once_from_timed_steps(tmp_path):
+    recorder = _Recorder()
+    train_teacher(TINY_SPEC, "wrn16_1", TeacherTrainConfig(epochs=2, batch_size=32), tmp_path, progress=recorder)
+    assert len(recorder.estimates) == 1
+    seconds, timed = recorder.estimates[0]
+    assert seconds > 0 and timed == TIMED_STEPS
+
+
+def test_half_storage_halves_the_file_and_loads_as_float32(tmp_path):
+    cfg = dict(epochs=1, batch_size=64, lr=0.05)
+    full = train_teacher(TINY_SPEC, "wrn16_2", TeacherTrainConfig(**cfg), tmp_path / "full")
+    half = train_teacher(TINY_SPEC, "wrn16_2", TeacherTrainConfig(**cfg, half=True), tmp_path / "half")
+    full_file, half_file = (teacher_paths(tmp_path / s, "tiny", "wrn16_2")[0] for s in ("full", "half"))
+    assert half_file.stat().st_size < 0.6 * full_file.stat().st_size
+    assert half["sha256"] == sha256_file(half_file) and half["stored_dtype"] == "float16"
+    assert full["stored_dtype"] == "float32" and "--half" in half["command"]
+    stored = torch.load(half_file, weights_only=True)
+    assert {v.dtype for v in stored.values()} == {torch.float16, torch.int64}  # BN's step counters stay integers
+    model, meta = load_teacher(TINY_SPEC, "wrn16_2", tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+    images, labels = TINY_SPEC.load("test")
+    measured = evaluate(model, images, labels, Normalizer(TINY_SPEC.mean, TINY_SPEC.std), torch.device("cpu"))
+    assert round(measured, 2) == half["test_accuracy"]  # the sidecar scores the stored (rounded) weights
+
+
+def test_recipes_differ_per_dataset_and_name_the_authors_cifar_schedule():
+    fmnist, cifar10 = default_train_config("fashion-mnist"), default_train_config("cifar10")
+    assert fmnist == TeacherTrainConfig() and default_train_config("tiny") == TeacherTrainConfig()
+    assert (cifar10.epochs, cifar10.batch_size, cifar10.schedule) == (200, 256, "multistep")
+    assert milestone_epochs(cifar10) == [120, 150, 180]  # the authors' epochs
+    assert milestone_epochs(default_train_config("cifar100", epochs=20)) == [12, 15, 18]  # a shorter run decays too
+    assert default_train_config("cifar10", epochs=3, lr=None).epochs == 3  # None keeps the recipe's value
+    with pytest.raises(DfkdError, match="unknown teacher schedule 'cosine'"):
+        default_train_config("cifar10", schedule="cosine")
+
+
+def test_find_teacher_resolves_the_arch_name(tiny_store):
+    assert find_teacher(TINY_SPEC, "wrn16_1", tiny_store) == teacher_paths(tiny_store, "tiny", "wrn16_1")[0]
+    assert find_teacher(TINY_SPEC, "resnet34", tiny_store) is None
+
+
+# ---------------------------------------------------------------- `run` trains a missing teacher
+
+def _run_without_teacher(store, output, *extra):
+    args = ["run", "--method", "deepinversion", "--dataset", "tiny", "--teacher", "wrn16_2", "--teacher-store",
+            store, "--output", output, "--set", "epochs=1", "--set", "ep_steps=1", "--set", "kd_steps=1",
+            "--set", "batch_size=8", "--set", "synth_batch_size=8", "--set", "method.g_steps=1", *extra]
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_run_trains_a_missing_teacher_with_the_recipe_then_runs(tmp_path):
+    store = tmp_path / "store"
+    result = _run_without_teacher(store, tmp_path / "out")
+    assert result.exit_code == 0, (result.output, result.exception)
+    notice = [line for line in result.stdout.splitlines() if line.startswith("no wrn16_2 teacher")]
+    assert len(notice) == 1, result.stdout
+    assert re.fullmatch(rf"no wrn16_2 teacher for tiny in {re.escape(str(store))}, training wrn16_2 on the tiny "
+                        r"training set \(--no-train-teacher refuses instead\): 4 epochs, 8 steps of batch 128; "
+                        r"about \d+ s on this machine \(from 1 timed step\)", notice[0]), notice[0]
+    meta = json.loads(teacher_paths(store, "tiny", "wrn16_2")[1].read_text())
+    assert meta["train_settings"] == json.loads(json.dumps(asdict(default_train_config("tiny"))))
+    assert meta["command"].startswith("dfkd-bench teacher train --dataset tiny --arch wrn16_2 --epochs 4")
+    assert meta["sha256"] == sha256_file(teacher_paths(store, "tiny", "wrn16_2")[0])
+    # the student follows the teacher, and the start line says so
+    run_dir = tmp_path / "out" / "tiny-wrn16_2-wrn16_1-deepinversion-quick-s0"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
+    assert "student wrn16_1 -> wrn16_1 (the paired student for a wrn16_2 teacher" in result.stdout
+    # the next run finds it
+    again = _run_without_teacher(store, tmp_path / "out2", "--no-train-teacher")
+    assert again.exit_code == 0, again.output
+    assert "training" not in again.stdout.split("deepinversion:")[0]
+
+
+def test_an_interrupted_teacher_training_in_run_resumes(tmp_path, monkeypatch):
+    from dfkd_bench import cli as cli_module
+
+    store = tmp_path / "store"
+    original = cli_module._TeacherProgress.epoch
+
+    def interrupt(self, epoch, accuracy):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module._TeacherProgress, "epoch", interrupt)
+    result = _run_without_teacher(store, tmp_path / "out")
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert partial_path(store, "tiny", "wrn16_2").is_file() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(cli_module._TeacherProgress, "epoch", original)
+    result = _run_without_teacher(store, tmp_path / "out")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "resuming the interrupted teacher training after epoch 1/4" in result.stdout
+    assert "teacher epoch 1/4" not in result.stdout and "teacher epoch 4/4" in result.stdout
+    assert not partial_path(store, "tiny", "wrn16_2").exists()
+
+
+def test_a_rank_of_a_process_group_never_trains_the_teacher(tmp_path, monkeypatch):
+    # N ranks would each train it into the same store; `run --ddp` trains it before spawning instead
+    from dfkd_bench.cli import _ensure_teacher
+    from dfkd_bench.config import resolve_config
+
+    cfg, _, _ = resolve_config("deepinversion", "quick", {}, dataset="tiny", teacher="wrn16_2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DfkdError, match="dfkd-bench teacher train"):
+        _ensure_teacher(None, cfg, tmp_path, True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_with_an_arch_timm_does_not_know_stays_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["run", "--method", "deepinversion", "--dataset", "tiny", "--teacher",
+                                      "wrn99_9", "--teacher-store", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert_user_error(result, "unknown model 'wrn99_9'")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_multistep_schedule_divides_the_lr_at_its_milestones(tmp_path):
+    cfg = TeacherTrainConfig(epochs=4, batch_size=64, lr=0.05, schedule="multistep", milestones=(0.5, 0.75))
+    for stop_after, lr in ((1, 0.05), (2, 0.005), (3, 0.0005)):
+        store = tmp_path / str(stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            train_teacher(TINY_SPEC, "wrn16_1", cfg, store, progress=_Recorder(stop_after))
+        state = torch.load(partial_path(store, "tiny", "wrn16_1"), weights_only=True)
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)

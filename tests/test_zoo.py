@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
 
+from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError, UnknownNameError
-from dfkd_bench.zoo import ZOO, check_model_input, create_model, feature_dims, resolve_model_name, stage_modules
+from dfkd_bench.zoo import (
+    DEFAULT_STUDENT,
+    ZOO,
+    check_model_input,
+    create_model,
+    feature_dims,
+    paper_student,
+    resolve_model_name,
+    stage_modules,
+)
 
 
 def test_zoo_lists_every_model_the_module_registers_into_timm():
@@ -95,6 +108,43 @@ def test_check_model_input_rejects_wrong_logit_shape_and_keeps_training_mode():
     with pytest.raises(DfkdError, match="cannot take 3x28x28"):
         check_model_input(model, "wrn16_1", 3, 28, 10)
     assert model.training
+
+
+def test_importing_the_package_registers_the_zoo_in_a_fresh_interpreter():
+    code = ("import sys, dfkd_bench, timm\n"
+            "assert 'dfkd_bench.cli' not in sys.modules and 'dfkd_bench.engine' not in sys.modules\n"
+            "print(' '.join(timm.list_models('wrn*')))\n"
+            "model = timm.create_model('wrn16_1', num_classes=10, in_chans=1)\n"
+            "print(type(model).__name__, model.num_classes, model.conv1.in_channels)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    listed, built = proc.stdout.strip().splitlines()
+    assert set(listed.split()) == {name for name in ZOO if name.startswith("wrn")}
+    assert built == "WideResNet 10 1"
+
+
+@pytest.mark.parametrize("teacher,student", [
+    ("resnet34", "resnet18"), ("cifar_resnet34", "resnet18"), ("vgg11", "resnet18"), ("vgg11_bn", "resnet18"),
+    ("cifar_vgg11_bn", "resnet18"), ("wrn40_2", "wrn16_1"), ("wrn16_2", "wrn16_1"),
+    ("wrn16_1", None), ("timm:resnet34", None), ("resnet18", None),
+])
+def test_paper_student_follows_the_teacher_under_any_of_its_names(teacher, student):
+    assert paper_student(teacher) == student
+
+
+@pytest.mark.parametrize("fields,overrides,expected", [
+    ({"teacher": "resnet34"}, {}, "resnet18"),
+    ({"teacher": "vgg11"}, {}, "resnet18"),
+    ({"teacher": "wrn40_2"}, {}, "wrn16_1"),
+    ({"teacher": "wrn40_2", "student": "wrn40_1"}, {}, "wrn40_1"),  # the other pair is one flag away
+    ({"teacher": "resnet34"}, {"student": "wrn16_2"}, "wrn16_2"),  # --set student= wins too
+    ({"teacher": "wrn16_1"}, {}, DEFAULT_STUDENT),
+    ({}, {}, "wrn16_1"),  # the default teacher, wrn16_2, pairs with wrn16_1
+])
+def test_the_run_config_takes_the_teachers_paper_student(fields, overrides, expected):
+    cfg, _, _ = resolve_config("deepinversion", "quick", overrides, **fields)
+    assert cfg.student == expected
 
 
 @pytest.mark.parametrize("name,stages", [("wrn16_1", 3), ("cifar_resnet18", 4), ("cifar_vgg8_bn", 5),
