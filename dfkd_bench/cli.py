@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -161,9 +160,9 @@ def _join_process_group(device: str | None) -> None:
 
 def _spawn_ranks(nprocs: int) -> None:
     """``run --ddp N``: this command, without --ddp, in N processes forming one process group."""
-    from .distributed import spawn
+    from .distributed import launched_world_size, spawn
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise DfkdError("--ddp starts its own processes; under torchrun, leave it out")
     ctx = click.get_current_context()
     spawn(nprocs, _run_rank, ctx.find_root().params["plugins"], {**ctx.params, "ddp": None})
@@ -238,6 +237,7 @@ def student_reason(cfg, given: bool) -> str:
 def _ensure_teacher(progress: Progress, cfg, store: Path | None, train: bool) -> None:
     """Train the teacher of ``cfg`` with its dataset's recipe when the store has none (as `teacher train`)."""
     from .data import get_dataset
+    from .distributed import launched_world_size
     from .teachers import default_store, default_train_config, find_teacher, load_teacher
 
     if cfg.teacher_checkpoint:
@@ -246,7 +246,7 @@ def _ensure_teacher(progress: Progress, cfg, store: Path | None, train: bool) ->
     store = Path(store) if store else default_store()
     if find_teacher(spec, cfg.teacher, store) is not None:
         return
-    if not train or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would each train it: train it first
+    if not train or launched_world_size() > 1:  # ranks would each train it: train it first
         load_teacher(spec, cfg.teacher, store)  # raises the one-line error naming the command
     recipe = default_train_config(cfg.dataset)
     _train_teacher(progress, spec, cfg.teacher, recipe, store, cfg.device, missing=True)

@@ -275,6 +275,11 @@ def for_run() -> SingleProcess:
     return SingleProcess()
 
 
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, ``run --ddp``) started this one among; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Whether this process is rank 0 of its process group, or in none (what may print and write)."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -284,7 +289,7 @@ def is_main_process() -> bool:
 def process_group_from_env(device: str | None) -> Iterator[None]:
     """Join the process group that torchrun (or :func:`spawn`) describes in the environment, for the
     duration of the block: gloo on CPU, NCCL on CUDA. Without ``WORLD_SIZE`` > 1 it does nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if launched_world_size() <= 1 or dist.is_initialized():
         yield
         return
     cuda = select_device(device or "auto").type == "cuda"

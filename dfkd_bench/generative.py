@@ -49,8 +49,7 @@ class GeneratorSynthesizer(Synthesizer):
         super().__init__(ctx, cfg)
         c, h, _ = ctx.image_shape
         self.generator = Generator(cfg.nz, cfg.ngf, h, c)
-        self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum)
-        self.bn_stats.set_active(False)  # on during synthesis only
+        self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum, active=False)  # on in synthesis only
         self.augment = crop_flip(h)
         self.adversarial = True  # off during warm-up epochs
 

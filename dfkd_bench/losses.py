@@ -91,8 +91,9 @@ class BNStatsHook:
 class BNStatistics:
     """Hooks on every BatchNorm2d layer of ``model`` (timm's BatchNormAct2d subclasses it)."""
 
-    def __init__(self, model: nn.Module, momentum: float = 0.0):
+    def __init__(self, model: nn.Module, momentum: float = 0.0, active: bool = True):
         self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.set_active(active)
         if not self.hooks:
             raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer; BN-statistics methods need one")
 

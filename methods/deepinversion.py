@@ -47,8 +47,7 @@ class DeepInversion(Synthesizer):
         super().__init__(ctx, cfg)
         if cfg.adv_mode not in ("masked", "js"):
             raise ValueError(f"adv_mode must be 'masked' or 'js', got {cfg.adv_mode!r}")
-        self.bn_stats = BNStatistics(ctx.teacher)
-        self.bn_stats.set_active(False)  # on during synthesis only
+        self.bn_stats = BNStatistics(ctx.teacher, active=False)  # on during synthesis only
         norm = ctx.normalizer
         # the valid range of normalized pixels, per channel
         self.register_buffer("lo", norm(torch.zeros(1, ctx.image_shape[0], 1, 1, device=ctx.device)), False)

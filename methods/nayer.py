@@ -261,8 +261,7 @@ class NAYER(Synthesizer):
         c, h, _ = ctx.image_shape
         embeddings = resolve_label_embeddings(ctx, cfg.label_embeddings)
         self.generator = NoisyLayerGenerator(embeddings, cfg.le_emb_size, cfg.ngf, h, c, ctx.synth_batch_size)
-        self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum)
-        self.bn_stats.set_active(False)  # on during synthesis only
+        self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum, active=False)  # on in synthesis only
         self.augment = crop_flip(h)
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))  # rounds synthesized so far
         self.register_buffer("kd_start", torch.full((), -1, dtype=torch.long))  # first non-warm-up round

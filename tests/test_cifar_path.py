@@ -228,7 +228,8 @@ def test_csd_runs_an_epoch_on_cifar100(cifar_store, cifar_root, tmp_path):
     assert student["fc.weight"].shape[0] == 100
 
 
-# in the default suite (CI installs the Debian package): about a minute, each run evaluating on the 10000 real test images
+# in the default suite (CI installs the Debian package): about a minute, each run evaluating
+# on the 10000 real test images
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's Fashion-MNIST is not installed")
 @pytest.mark.parametrize("method", EVERY_NAME)
 def test_every_method_runs_an_epoch_on_fashion_mnist(method, tmp_path):
