@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from dataclasses import asdict
 
 import pytest
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from conftest import TINY_SPEC, assert_user_error
 
 from dfkd_bench.cli import cli
-from dfkd_bench.data import Normalizer, evaluate
+from dfkd_bench.data import Normalizer, evaluate, get_dataset
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.runtime import sha256_file
 from dfkd_bench.teachers import (
@@ -359,3 +360,23 @@ def test_the_multistep_schedule_divides_the_lr_at_its_milestones(tmp_path):
             train_teacher(TINY_SPEC, "wrn16_1", cfg, store, progress=_Recorder(stop_after))
         state = torch.load(partial_path(store, "tiny", "wrn16_1"), weights_only=True)
         assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "teachers").glob("*/*.json"))
+
+
+@pytest.mark.parametrize("sidecar", SHIPPED, ids=[f"{p.parent.name}/{p.stem}" for p in SHIPPED])
+def test_every_shipped_teacher_matches_its_sidecar_and_loads(sidecar):
+    """A committed teacher is what its sidecar says: same bytes (sha256), an arch that builds for the
+    dataset, every tensor loading strictly; a stale sidecar or a truncated file fails here, not in a run."""
+    meta = json.loads(sidecar.read_text())
+    spec = get_dataset(meta["dataset"])
+    assert sha256_file(sidecar.with_suffix(".pt")) == meta["sha256"]
+    model, loaded = load_teacher(spec, meta["arch"], store=sidecar.parents[1])
+    assert loaded["sha256"] == meta["sha256"] and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp16 files load as float32
+    assert 50.0 < meta["test_accuracy"] <= 100.0
+
+
+def test_the_shipped_store_holds_the_paper_pair_teacher():
+    assert {p.stem for p in SHIPPED if p.parent.name == "fashion-mnist"} >= {"wrn16_2", "cifar_resnet34"}
