@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
