@@ -93,9 +93,9 @@ class BNStatistics:
 
     def __init__(self, model: nn.Module, momentum: float = 0.0, active: bool = True):
         self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.set_active(active)
         if not self.hooks:
             raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer; BN-statistics methods need one")
+        self.set_active(active)
 
     def set_active(self, active: bool) -> None:
         """Switch every hook on or off. A method that owns hooks on the teacher keeps them off outside its

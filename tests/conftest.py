@@ -18,6 +18,9 @@ from dfkd_bench.teachers import TeacherTrainConfig, train_teacher
 # processes of the kill-and-resume test.
 torch.set_num_threads(1)
 
+# the teachers committed with the project (teachers/<dataset>/<arch>.pt + .json)
+SHIPPED_TEACHERS = Path(__file__).resolve().parents[1] / "teachers"
+
 TINY = "tiny"
 TINY_SHAPE = (3, 16, 16)
 TINY_CLASSES = 4

@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_CLI, assert_user_error
+from conftest import SHIPPED_TEACHERS, TINY_CLI, assert_user_error
 
 from dfkd_bench import data
 from dfkd_bench.cli import cli
 from dfkd_bench.zoo import create_model
-
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED_TEACHERS = REPO / "teachers"
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:

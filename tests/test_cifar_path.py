@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAKE_CIFAR_TEST, FAKE_CIFAR_TRAIN, assert_user_error
+from conftest import FAKE_CIFAR_TEST, FAKE_CIFAR_TRAIN, SHIPPED_TEACHERS, assert_user_error
 
 from dfkd_bench.cli import cli
 from dfkd_bench.data import DEBIAN_FASHION_MNIST, get_dataset
@@ -27,7 +27,6 @@ from dfkd_bench.teachers import default_train_config, train_teacher
 
 # every registered method and baseline: one added later is covered as soon as it registers
 EVERY_NAME = list(SYNTHESIZERS.names())
-SHIPPED_TEACHERS = Path(__file__).resolve().parents[1] / "teachers"
 GRID_PADDING = 2  # the run's samples.png is a grid of 8 images a row with 2 px between them
 
 
