@@ -18,6 +18,7 @@ from .registry import LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
 from .zoo import DEFAULT_STUDENT, paper_student
 
 AMP_DTYPES = ("float16", "bfloat16")
+STUDENT_OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -36,11 +37,13 @@ class RunConfig:
     kd_steps: int = 200  # student steps per synthesis round
     batch_size: int = 128  # student batch drawn from the pool
     synth_batch_size: int = 200  # images synthesized per round
+    optimizer: str = "sgd"  # the student's: "sgd" (momentum, weight_decay) or "adam" (weight_decay; ZSKT's code)
     lr: float = 0.1
     lr_min: float = 0.0  # the cosine schedule's floor (eta_min; Fast's code uses 2e-4)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     temperature: float = 20.0
+    grad_clip: float = 0.0  # clip the student's gradient norm at this value (0: off; ZSKT's code clips at 5)
     warmup_epochs: int = 0  # epochs that only synthesize (Fast)
     kd_augment: bool = True  # per-sample crop + flip on pool samples before distillation
     synthesis_only: bool = False  # build a pool (an init bank) without distilling
@@ -195,7 +198,7 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_images", "max_teacher_passes", "max_seconds", "pool_in_memory", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
-    for name in ("lr", "lr_min", "temperature", "momentum", "weight_decay"):
+    for name in ("lr", "lr_min", "temperature", "momentum", "weight_decay", "grad_clip"):
         value = getattr(cfg, name)
         strictly = name in ("lr", "temperature")
         if not math.isfinite(value) or value < 0 or (value == 0 and strictly):
@@ -205,6 +208,8 @@ def validate(cfg: RunConfig) -> None:
         raise DfkdError(f"lr_min ({cfg.lr_min}) must not exceed lr ({cfg.lr})")
     if not math.isfinite(cfg.max_seconds):
         raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
+    if cfg.optimizer not in STUDENT_OPTIMIZERS:
+        raise DfkdError(f"optimizer must be one of {', '.join(STUDENT_OPTIMIZERS)}, got '{cfg.optimizer}'")
     if cfg.amp_dtype not in AMP_DTYPES:
         raise DfkdError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got '{cfg.amp_dtype}'")
     if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:

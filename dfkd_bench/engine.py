@@ -133,7 +133,11 @@ class Runner:
             raise DfkdError(f"loss '{cfg.loss}' needs labels, but method '{cfg.method}' does not keep them")
         params = list(self.student.parameters()) + list(self.loss_fn.parameters())
         self.student_loss = StudentLoss(self.student, self.loss_fn)
-        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.params = params
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         kd_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs,
                                                                     eta_min=cfg.lr_min)
@@ -254,6 +258,9 @@ class Runner:
             raise NonFiniteError(f"distillation loss is {total} ({', '.join(parts)})")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
+            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         for k, v in zip(parts, values):
@@ -269,7 +276,7 @@ class Runner:
         t0 = time.time()
         with sealed(), torch.no_grad():
             batch = self.method.sample(self.rank_batch_size)
-        images, passes, bad = self.ranks.total(len(batch.images), batch.teacher_passes,
+        images, passes, bad = self.ranks.total(0 if batch.reused else len(batch.images), batch.teacher_passes,
                                                int(not torch.isfinite(batch.images).all()))
         if bad:
             raise NonFiniteError("the synthesizer produced non-finite images")

@@ -64,6 +64,9 @@ class SynthBatch:
     losses: dict[str, float] = field(default_factory=dict)  # the last step's named terms
     loss_curve: list[float] = field(default_factory=list)  # total synthesis loss per step
     teacher_passes: int = 0  # teacher forward+backward passes spent on this batch (images x steps)
+    # a "fresh" method handing the student images it handed out before (ZSKT's pseudo batch, reused for
+    # its student steps): they count once, as a pool method's images count once however often they are drawn
+    reused: bool = False
 
 
 class Synthesizer(nn.Module):

@@ -67,13 +67,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str | None:
-    """The commit of the dfkd-bench checkout, with ``+dirty`` when it has local changes."""
-    here = Path(__file__).resolve().parent
+def git_commit(here: Path | None = None) -> str | None:
+    """The commit of the dfkd-bench checkout (of the repository at ``here``), with ``+dirty`` when it
+    has local changes. Changes under ``results/`` (what runs write, not what they run) do not count."""
+    here = here or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)results"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

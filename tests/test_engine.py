@@ -6,6 +6,9 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
+import subprocess
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from dfkd_bench.errors import DfkdError, UnknownNameError
 from dfkd_bench.method import KLLoss, SynthBatch, Synthesizer
 from dfkd_bench.registry import get_preset
 from dfkd_bench.results import collect, failed_runs, summarize, to_format
-from dfkd_bench.runtime import sha256_file
+from dfkd_bench.runtime import git_commit, sha256_file
 from dfkd_bench.teachers import load_state_dict
 
 DI = {"method.g_steps": 2}
@@ -336,6 +339,46 @@ def test_fresh_methods_train_on_a_new_batch_every_step_and_pool_nothing(register
     assert (tmp_path / "run" / "samples.png").is_file()  # the last fresh batch
 
 
+def _student_grad_norm(runner) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in runner.params if p.grad is not None])).item()
+
+
+def test_the_student_optimizer_can_be_adam_with_a_clipped_gradient(tiny_store, tmp_path):
+    norms = {}
+    for clip in (0.0, 1e-3):
+        runner = tiny_runner("kd-noise", tmp_path / f"run{clip}", tiny_store,
+                             {"optimizer": "adam", "lr": "1e-3", "weight_decay": "0", "grad_clip": str(clip)})
+        assert isinstance(runner.optimizer, torch.optim.Adam)
+        assert runner.optimizer.param_groups[0]["lr"] == 1e-3
+        runner._synthesize(defaultdict(list))
+        runner._distill_step(defaultdict(list))
+        norms[clip] = _student_grad_norm(runner)
+    assert norms[0.0] > 1e-2  # unclipped, the gradient is far above the threshold ...
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-4)  # ... and the clipped one is cut down to it
+
+
+def test_the_default_student_optimizer_is_the_shared_protocols_sgd(tiny_store, tmp_path):
+    runner = tiny_runner("kd-noise", tmp_path / "run", tiny_store)
+    assert type(runner.optimizer) is torch.optim.SGD and runner.cfg.grad_clip == 0.0
+    assert runner.optimizer.param_groups[0]["momentum"] == runner.cfg.momentum
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_is_dirty_for_changed_code_but_not_for_changed_results(tmp_path):
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "-C", str(tmp_path)]
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.json").write_text("{}")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == sha
+    subprocess.run([*git, "rm", "-q", "results/summary.json"], check=True)  # replacing old results
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == sha + "+dirty"
+
+
 def test_rerunning_a_failed_folder_starts_clean(tiny_store, tmp_path, monkeypatch):
     _poison_kl_after(monkeypatch, TINY_RUN["ep_steps"])
     assert tiny_runner("deepinversion", tmp_path / "run", tiny_store, DI).run()["status"] == "failed"
@@ -388,6 +431,8 @@ def test_preset_values_apply_and_set_overrides_them():
     ({"warmup_epochs": "5", "epochs": "5"}, "warmup_epochs"),
     ({"lr_min": "0.5", "lr": "0.1"}, "lr_min (0.5) must not exceed lr"),
     ({"lr_min": "-1"}, "lr_min must be a finite non-negative number"),
+    ({"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam, got 'rmsprop'"),
+    ({"grad_clip": "-5"}, "grad_clip must be a finite non-negative number"),
     ({"loss": "no_such_loss"}, "unknown distillation loss 'no_such_loss'"),
 ])
 def test_bad_set_values_are_user_errors(overrides, message):
