@@ -25,10 +25,12 @@ Reference: the authors' code (polo5/ZeroShotKnowledgeTransfer); ``solver.py`` li
   ``beta * sum_stages mean((a_s - a_t)^2)``, ``a = normalize(mean_c(x^2))`` per sample; beta 250.
   That is the ``zskt`` distillation loss below; its maps come from forward hooks on
   ``zoo.stage_modules`` (a WRN's three block groups, as the authors' ``activation1..3``).
-  Gradient norm clipped at 5 (l.115): the runner has no clipping for the student.
-- Optimizers (l.39-42, 169-171): Adam for both (generator lr 1e-3, student 2e-3), each with a
-  cosine schedule over all pseudo batches. The runner's student optimizer is SGD + cosine; the
-  generator's lr follows the student's schedule (``lr_g_schedule``).
+  Gradient norm clipped at 5 (l.115): the runner's ``grad_clip`` (the ``paper`` preset sets 5).
+- Optimizers (l.39-42, 169-171): Adam for both (generator lr 1e-3, student 2e-3, no weight decay),
+  each with a cosine schedule over all pseudo batches. The ``paper`` preset sets the runner's
+  ``optimizer adam``, ``lr 2e-3``, ``weight_decay 0``; the runner steps its cosine once per epoch
+  (200 steps over the run, not one per pseudo batch). The generator's lr follows the student's
+  schedule (``lr_g_schedule``).
 
 Defaults follow the authors' CIFAR-10 scripts (``scripts/ZeroShot/main*.sh``: nz 100, lr_G 1e-3,
 n_generator_iter 1, n_student_iter 10, batch 128, T 1, beta 250); ``package`` is the datafree
@@ -110,12 +112,13 @@ class ZSKT(OnlineSynthesizer):
     def sample(self, n: int) -> SynthBatch:
         if not self.cfg.fixed_batch:
             return super().sample(n)
-        if self.batch is None or len(self.batch) < n:
-            z = self.z
-            if len(z) < n:  # a student batch larger than the generator's: the pseudo batch gets more latents
-                z = torch.cat([z, torch.randn(n - len(z), self.cfg.nz, device=z.device)])
-            self.generator.train(not self.cfg.sample_eval)
-            self.batch = self.to_images(self.generator(z))
+        if self.batch is not None and len(self.batch) >= n:
+            return SynthBatch(self.batch[:n], reused=True)  # the round's pseudo batch again: no new images
+        z = self.z
+        if len(z) < n:  # a student batch larger than the generator's: the pseudo batch gets more latents
+            z = torch.cat([z, torch.randn(n - len(z), self.cfg.nz, device=z.device)])
+        self.generator.train(not self.cfg.sample_eval)
+        self.batch = self.to_images(self.generator(z))
         return SynthBatch(self.batch[:n])
 
 
@@ -182,11 +185,11 @@ class ZSKTLoss(DistillLoss):
 _ONLINE = {"synth_batch_size": 128, "kd_augment": False, "temperature": 1.0, "kd_steps": 10, "method.g_steps": 1}
 
 # scripts/ZeroShot/main2.sh (CIFAR-10, WRN-40-2 -> WRN-16-1): 8e4 pseudo batches of 1 generator + 10 student
-# iterations, batch 128 = 200 epochs x 400 rounds. The authors' student uses Adam (lr 2e-3, cosine); the
-# runner's is SGD, so the student's optimizer settings are the datafree package's (lr 0.1, wd 1e-4, cosine).
+# iterations, batch 128 = 200 epochs x 400 rounds. The student: solver.py's Adam (lr 2e-3, no weight decay,
+# cosine) with its gradient norm clipped at 5.
 register_preset("zskt", "paper", {
     "epochs": 200, "ep_steps": 4000, "kd_steps": 10, "batch_size": 128, "synth_batch_size": 128,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 1.0, "kd_augment": False,
+    "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "grad_clip": 5.0, "temperature": 1.0, "kd_augment": False,
     "method.g_steps": 1, "method.nz": 100, "method.lr_g": 1e-3, "loss.beta": 250.0,
 })
 # The datafree package's ZSKT (CMI scripts/zskt/zskt_cifar10_wrn402_wrn161.sh): a generator step on new

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from conftest import TINY_CLI, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
+from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.losses import bn_statistics_loss, mean_prediction_neg_entropy
 from dfkd_bench.method import Outputs
@@ -168,6 +169,26 @@ def test_zskt_student_steps_of_a_round_share_its_pseudo_batch(tiny_store, tmp_pa
     method.synthesize()
     c = method.sample(8).images
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("fixed_batch", (True, False))
+def test_zskt_counts_its_pseudo_batch_once_however_often_the_student_learns_from_it(fixed_batch, tiny_store,
+                                                                                    tmp_path):
+    runner = tiny_runner("zskt", tmp_path / "run", tiny_store,
+                         {"method.fixed_batch": fixed_batch, "ep_steps": 6, "kd_steps": 3, "epochs": 1})
+    summary = runner.run()
+    cfg = runner.cfg
+    rounds, per_step = cfg.epochs * cfg.rounds_per_epoch, cfg.batch_size
+    made = rounds * per_step if fixed_batch else rounds * cfg.kd_steps * per_step  # new images only
+    assert cfg.kd_steps > 1 and summary["images"] == made
+
+
+def test_zskt_paper_preset_trains_the_student_as_the_authors_solver(tiny_store, tmp_path):
+    cfg, _, _ = resolve_config("zskt", "paper")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.grad_clip) == ("adam", 2e-3, 0.0, 5.0)
+    for preset in ("quick", "cpu"):  # the benchmark's presets keep the shared protocol's student
+        cfg, _, _ = resolve_config("zskt", preset)
+        assert (cfg.optimizer, cfg.grad_clip) == ("sgd", 0.0)
 
 
 @pytest.mark.parametrize("train_mode", (True, False))
