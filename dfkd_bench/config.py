@@ -19,6 +19,7 @@ from .zoo import DEFAULT_STUDENT, paper_student
 
 AMP_DTYPES = ("float16", "bfloat16")
 STUDENT_OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "step")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class RunConfig:
     optimizer: str = "sgd"  # the student's: "sgd" (momentum, weight_decay) or "adam" (weight_decay; ZSKT's code)
     lr: float = 0.1
     lr_min: float = 0.0  # the cosine schedule's floor (eta_min; Fast's code uses 2e-4)
+    lr_schedule: str = "cosine"  # the student's, stepped per epoch: "cosine" or "step" (DAFL's, DFAD's code)
+    lr_milestones: tuple[int, ...] = ()  # "step": the (0-based) epochs from which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     temperature: float = 20.0
@@ -210,7 +214,26 @@ def validate(cfg: RunConfig) -> None:
         raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
     if cfg.optimizer not in STUDENT_OPTIMIZERS:
         raise DfkdError(f"optimizer must be one of {', '.join(STUDENT_OPTIMIZERS)}, got '{cfg.optimizer}'")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise DfkdError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_schedule}'")
+    if cfg.lr_schedule == "step":
+        _check_milestones(cfg)
+    elif cfg.lr_milestones:
+        raise DfkdError("lr_milestones apply to lr_schedule=step only")
     if cfg.amp_dtype not in AMP_DTYPES:
         raise DfkdError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got '{cfg.amp_dtype}'")
     if cfg.warmup_epochs >= cfg.epochs and not cfg.synthesis_only:
         raise DfkdError(f"warmup_epochs ({cfg.warmup_epochs}) must be below epochs ({cfg.epochs})")
+
+
+def _check_milestones(cfg: RunConfig) -> None:
+    if cfg.lr_min > 0:
+        raise DfkdError("lr_min is the cosine schedule's floor; lr_schedule=step has none")
+    if not (math.isfinite(cfg.lr_gamma) and 0 < cfg.lr_gamma <= 1):
+        raise DfkdError(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
+    ms = list(cfg.lr_milestones)
+    if not ms:
+        raise DfkdError("lr_schedule=step needs lr_milestones, e.g. --set lr_milestones=100,150")
+    if ms != sorted(set(ms)) or ms[0] <= cfg.warmup_epochs or ms[-1] >= cfg.epochs:
+        raise DfkdError(f"lr_milestones must increase and lie after the warm-up and before epochs "
+                        f"({cfg.warmup_epochs} < m < {cfg.epochs}), got {','.join(map(str, ms))}")

@@ -139,8 +139,12 @@ class Runner:
         else:
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         kd_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs,
-                                                                    eta_min=cfg.lr_min)
+        if cfg.lr_schedule == "step":  # stepped once per distillation epoch, so milestones count from the warm-up
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer, [m - cfg.warmup_epochs for m in cfg.lr_milestones], gamma=cfg.lr_gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=kd_epochs,
+                                                                        eta_min=cfg.lr_min)
         # loss scaling only for float16: bfloat16 has float32's exponent range
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
         self.augment = crop_flip(spec.image_size).to(self.device) if cfg.kd_augment else nn.Identity()

@@ -363,6 +363,28 @@ def test_the_default_student_optimizer_is_the_shared_protocols_sgd(tiny_store, t
     assert runner.optimizer.param_groups[0]["momentum"] == runner.cfg.momentum
 
 
+@pytest.mark.parametrize("warmup,milestones,expected", [
+    (0, "1,3", [1, 0.5, 0.5, 0.25]),  # the lr of epochs 0-3
+    (1, "2", [1, 0.5, 0.5]),  # epochs 1-3: a warm-up epoch trains nothing, milestones still count run epochs
+])
+def test_a_step_schedule_cuts_the_lr_from_each_milestone_epoch_on(warmup, milestones, expected, tiny_store,
+                                                                  tmp_path):
+    runner = tiny_runner("kd-noise", tmp_path / "run", tiny_store, {
+        "epochs": 4, "warmup_epochs": warmup, "lr_schedule": "step", "lr_milestones": milestones, "lr_gamma": 0.5})
+    seen: list[float] = []
+    step = runner._distill_step
+
+    def spy(terms):
+        seen.append(runner.optimizer.param_groups[0]["lr"])
+        step(terms)
+
+    runner._distill_step = spy
+    assert runner.run()["status"] == "complete"
+    per_epoch = seen[::TINY_RUN["ep_steps"]]
+    assert len(seen) == len(expected) * TINY_RUN["ep_steps"]
+    assert per_epoch == pytest.approx([runner.cfg.lr * f for f in expected])
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_commit_is_dirty_for_changed_code_but_not_for_changed_results(tmp_path):
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "-C", str(tmp_path)]
@@ -433,6 +455,13 @@ def test_preset_values_apply_and_set_overrides_them():
     ({"lr_min": "-1"}, "lr_min must be a finite non-negative number"),
     ({"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam, got 'rmsprop'"),
     ({"grad_clip": "-5"}, "grad_clip must be a finite non-negative number"),
+    ({"lr_schedule": "linear"}, "lr_schedule must be one of cosine, step, got 'linear'"),
+    ({"lr_schedule": "step"}, "lr_schedule=step needs lr_milestones"),
+    ({"lr_schedule": "step", "lr_milestones": "5,3"}, "lr_milestones must increase"),
+    ({"lr_schedule": "step", "lr_milestones": "2,99", "epochs": "10"}, "(0 < m < 10), got 2,99"),
+    ({"lr_schedule": "step", "lr_milestones": "2", "lr_gamma": "0"}, "lr_gamma must be in (0, 1]"),
+    ({"lr_schedule": "step", "lr_milestones": "2", "lr_min": "1e-3"}, "lr_schedule=step has none"),
+    ({"lr_milestones": "2"}, "lr_milestones apply to lr_schedule=step only"),
     ({"loss": "no_such_loss"}, "unknown distillation loss 'no_such_loss'"),
 ])
 def test_bad_set_values_are_user_errors(overrides, message):
