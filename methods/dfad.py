@@ -19,8 +19,10 @@ below are that file's.
   in the normalized space: images are its ``normalizer.inverse`` (see :mod:`dfkd_bench.online`).
 - Optimizers (l.150-155): the student SGD lr 0.1, momentum 0.9, wd 5e-4; the generator Adam lr 1e-3
   (default betas). With ``--scheduler`` (the README's CIFAR commands) both lrs drop x0.1 at epochs
-  100 and 200 of 500 (50 iterations each). The runner anneals the student by cosine; the
-  generator's lr follows the student's (``lr_g_schedule``).
+  100 and 200 of 500 (50 iterations each; l.161-165 step both schedulers at the start of the 1-based
+  epoch, so the 0-based epochs 99 and 199 are the first at the lower lr). The ``paper`` preset sets
+  that step schedule (``lr_schedule step``, milestones 99, 199); the generator's lr follows the
+  student's (``lr_g_schedule``).
 - Student loss: ``l1``, the mean absolute logit difference (registered below); no augmentation.
 
 The ``paper`` preset is the README's CIFAR-10 command (ResNet-34 -> ResNet-18); ``package`` is the
@@ -86,10 +88,11 @@ class L1Loss(DistillLoss):
 _ONLINE = {"synth_batch_size": 128, "kd_augment": False, "kd_steps": 5, "method.g_steps": 1}
 
 # README, CIFAR-10 (ResNet-34 -> ResNet-18): 500 epochs x 50 iterations of 5 student + 1 generator steps,
-# batch 256, lr_S 0.1 (cut x0.1 at epochs 100 and 200 by the authors; cosine here), wd 5e-4.
+# batch 256, lr_S 0.1 and wd 5e-4, both lrs cut x0.1 with --scheduler (0-based epochs 99 and 199, see above).
 register_preset("dfad", "paper", {
     "epochs": 500, "ep_steps": 250, "kd_steps": 5, "batch_size": 256, "synth_batch_size": 256,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "kd_augment": False,
+    "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "step", "lr_milestones": (99, 199),
+    "kd_augment": False,
     "method.g_steps": 1, "method.nz": 256, "method.lr_g": 1e-3,
 })
 # The datafree package's DFAD (Fast-Datafree scripts/dfad_cifar.sh, which CMI's datafree_kd.py also runs): its

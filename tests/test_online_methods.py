@@ -183,12 +183,17 @@ def test_zskt_counts_its_pseudo_batch_once_however_often_the_student_learns_from
     assert cfg.kd_steps > 1 and summary["images"] == made
 
 
-def test_zskt_paper_preset_trains_the_student_as_the_authors_solver(tiny_store, tmp_path):
-    cfg, _, _ = resolve_config("zskt", "paper")
+def test_paper_presets_train_the_student_as_the_authors_code():
+    cfg, _, _ = resolve_config("zskt", "paper")  # solver.py: Adam, clipped
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.grad_clip) == ("adam", 2e-3, 0.0, 5.0)
-    for preset in ("quick", "cpu"):  # the benchmark's presets keep the shared protocol's student
-        cfg, _, _ = resolve_config("zskt", preset)
-        assert (cfg.optimizer, cfg.grad_clip) == ("sgd", 0.0)
+    cfg, _, _ = resolve_config("dafl", "paper")  # DAFL-train.py's adjust_learning_rate
+    assert (cfg.optimizer, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_gamma) == ("sgd", "step", (800, 1600), 0.1)
+    cfg, _, _ = resolve_config("dfad", "paper")  # DFAD_cifar.py --scheduler
+    assert (cfg.optimizer, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_gamma) == ("sgd", "step", (99, 199), 0.1)
+    for method in ONLINE:  # the benchmark's presets keep the shared protocol's student
+        for preset in ("quick", "cpu"):
+            cfg, _, _ = resolve_config(method, preset)
+            assert (cfg.optimizer, cfg.lr_schedule, cfg.grad_clip) == ("sgd", "cosine", 0.0)
 
 
 @pytest.mark.parametrize("train_mode", (True, False))
