@@ -51,6 +51,9 @@ def test_every_protocol_resolves_on_our_side_with_nothing_left_to_the_preset(met
         assert method_cfg.bn_momentum == proto["bn_mmt"]
     if method == "fast_meta":
         assert method_cfg.meta == "maml"
+    for key in ("le_emb_size", "g_life", "g_loops", "gwp_loops", "label_embeddings"):
+        if key in proto:
+            assert getattr(method_cfg, key) == proto[key], key
     if method == "csd":
         assert (loss_cfg.fea, loss_cfg.ce) == (proto["fea"], proto["ce"])
     # a preset value the protocol did not override would silently change our side
@@ -195,12 +198,14 @@ def test_classifier_interface_has_the_authors_feature_meaning():
         shims.ClassifierInterface(create_model("cifar_vgg8_bn", 10, 1, 28))
 
 
-def test_detect_repo_tells_the_three_repositories_apart(tmp_path):
-    for repo, marker in [("CSD", "csd.py"), ("Fast-Datafree", "fast.py"), ("CMI", "contrastive.py")]:
+def test_detect_repo_tells_the_four_repositories_apart(tmp_path):
+    for repo, markers in [("CSD", ["csd.py"]), ("Fast-Datafree", ["fast.py"]), ("CMI", ["contrastive.py"]),
+                          ("NAYER", ["nayer.py", "fast.py", "contrastive.py"])]:  # NAYER ships Fast's files too
         root = tmp_path / repo
         (root / "datafree" / "synthesis").mkdir(parents=True)
         (root / "datafree" / "__init__.py").write_text("")
-        (root / "datafree" / "synthesis" / marker).write_text("")
+        for marker in markers:
+            (root / "datafree" / "synthesis" / marker).write_text("")
         assert shims.detect_repo(root) == repo
     with pytest.raises(DfkdError, match="not a checkout"):
         shims.detect_repo(tmp_path)
@@ -315,6 +320,31 @@ class FastSynthesizer(_Pool):
 
     def synthesize(self, targets=None):
         return super().synthesize(), 0.0
+
+
+class NLGenerator(nn.Module):
+    def __init__(self, ngf=64, img_size=32, nc=3, nl=100, label_emb=None, le_emb_size=256, le_size=512, sbz=200):
+        super().__init__()
+        log("nlgenerator", nl=nl, le_size=le_size, sbz=sbz, le_emb_size=le_emb_size, label_emb=label_emb.tolist())
+        self.shape = (nc, img_size, img_size)
+        self.l1 = nn.Linear(le_size, nc * img_size * img_size)
+
+    def forward(self, z):
+        return torch.sigmoid(self.l1(z)).view(len(z), *self.shape)
+
+
+class NAYER(_Pool):
+    def __init__(self, teacher, student, generator, num_classes, img_size, init_dataset=None, g_steps=100,
+                 lr_g=0.1, synthesis_batch_size=128, sample_batch_size=128, adv=0.0, bn=1, oh=1,
+                 save_dir='run/fast', transform=None, autocast=None, use_fp16=False, normalizer=None, device='cpu',
+                 distributed=False, warmup=10, bn_mmt=0, bnt=30, oht=1.5, cr_loop=1, g_life=50, g_loops=1,
+                 gwp_loops=10, dataset="cifar10"):
+        self._setup(teacher, student, generator, generator.l1.in_features, num_classes, synthesis_batch_size,
+                    sample_batch_size, normalizer, labeled=False)
+        log("nayer", warmup=warmup, g_life=g_life, g_loops=g_loops, gwp_loops=gwp_loops, bn_mmt=bn_mmt)
+
+    def synthesize(self, targets=None):
+        return super().synthesize(), 0.0, 0.0, 0.0
 '''
 
 
@@ -325,12 +355,12 @@ def _stub_checkout(root: Path, repo_marker: str) -> Path:
         (pkg / sub).mkdir(parents=True)
     (pkg / "stub.py").write_text(textwrap.dedent(_STUB.format(log=str(root / "calls.jsonl"))))
     (pkg / "__init__.py").write_text("from . import synthesis, utils, criterions, models\n")
-    (pkg / "synthesis" / "__init__.py").write_text("from ..stub import CSDSynthesizer, FastSynthesizer\n")
+    (pkg / "synthesis" / "__init__.py").write_text("from ..stub import CSDSynthesizer, FastSynthesizer, NAYER\n")
     (pkg / "synthesis" / repo_marker).write_text("")
     (pkg / "utils" / "__init__.py").write_text("from ..stub import Normalizer, AlignHead\n")
     (pkg / "criterions.py").write_text("from .stub import KLDiv\n")
     (pkg / "models" / "__init__.py").write_text("from . import generator\n")
-    (pkg / "models" / "generator.py").write_text("from ..stub import Generator\n")
+    (pkg / "models" / "generator.py").write_text("from ..stub import Generator, NLGenerator\n")
     return root
 
 
@@ -380,9 +410,28 @@ def test_reference_runner_keeps_fast_warm_up_rounds_free_of_student_steps(tmp_pa
     assert result["rounds"][0]["distill_seconds"] < result["rounds"][1]["distill_seconds"]
 
 
+def test_reference_runner_builds_nayer_on_one_hot_embeddings_and_keeps_its_warm_up(tmp_path, tiny_store):
+    checkout = _stub_checkout(tmp_path / "NAYER", "nayer.py")
+    job = _tiny_job("nayer", checkout, tiny_store, tmp_path / "work", rounds=3, warmup=1)
+    result = run_reference(job, echo=lambda line: None)
+    calls = _calls(checkout)
+    assert [c["event"] for c in calls] == ["nlgenerator", "init", "nayer", "synthesize", "synthesize", "sample",
+                                           "sample", "synthesize", "sample", "sample"]
+    proto = job["protocol"]
+    built = calls[0]
+    # one-hot rows of the tiny dataset's classes, one noisy layer input per class, the protocol's widths
+    assert built["label_emb"] == torch.eye(built["nl"]).tolist() and built["le_size"] == built["nl"]
+    assert (built["sbz"], built["le_emb_size"]) == (proto["synth_batch_size"], proto["le_emb_size"])
+    assert {k: calls[2][k] for k in ("warmup", "g_life", "g_loops", "gwp_loops", "bn_mmt")} == {
+        "warmup": 1, **{k: proto[k] for k in ("g_life", "g_loops", "gwp_loops", "bn_mmt")}}
+    # NAYER's datafree_kd.py: the scheduler waits for the warm-up, then anneals over rounds - warm-up to 2e-4
+    assert [r["lr"] for r in result["rounds"]] == pytest.approx([0.1, 0.1, 0.1 / 2 + 2e-4 / 2])
+    assert result["reference"]["repo"] == "NAYER"
+
+
 def test_reference_runner_refuses_what_their_code_cannot_express(tmp_path, tiny_store):
     checkout = _stub_checkout(tmp_path / "CSD", "csd.py")
-    with pytest.raises(DfkdError, match="only Fast's synthesizers know a warm-up"):
+    with pytest.raises(DfkdError, match="only Fast's and NAYER's synthesizers know a warm-up"):
         run_reference(_tiny_job("csd", checkout, tiny_store, tmp_path / "w", warmup=1))
     with pytest.raises(DfkdError, match="zju-vipa/Fast-Datafree"):
         run_reference(_tiny_job("fast", checkout, tiny_store, tmp_path / "w"))

@@ -4,7 +4,7 @@ Keys use the authors' flag names (``datafree_kd.py``), so the reference runner r
 they are; :func:`ours_overrides` maps them onto dfkd-bench's ``--set`` keys. One synthesis
 round per epoch (their ``ep_steps == kd_steps``), so "round" and "epoch" coincide and the
 student is evaluated after every round. CSD, the focus method, runs 15 rounds (about 17 CPU-minutes
-per run on either side with one thread on this project's 2-core machine); the other four run 5
+per run on either side with one thread on this project's 2-core machine); the others run 5
 rounds (5-7 CPU-minutes), which is what three seeds of both sides of every method fit into on
 that machine. README.md, "Cost", has the measured times.
 """
@@ -18,7 +18,8 @@ from typing import Any
 from dfkd_bench.errors import DfkdError
 
 # luoshiya/CSD, zju-vipa/Fast-Datafree, zju-vipa/CMI: the name a checkout is known by in results.
-REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI": "zju-vipa/CMI"}
+REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI": "zju-vipa/CMI",
+         "NAYER": "tmtuan1307/NAYER"}
 
 # What every protocol shares. Student SGD as in all three datafree_kd.py (momentum 0.9 hard-coded,
 # --wd default 1e-4, which none of the scripts used here overrides), cosine over the rounds to
@@ -50,6 +51,14 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     # CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh; tv 0.001 and l2 0 from CMI datafree_kd.py:252
     "deepinversion": {**_COMMON, "rounds": 5, "g_steps": 50, "kd_steps": 50,
                       "lr_g": 0.1, "bn": 10.0, "oh": 1.0, "adv": 1.0, "tv": 1e-3, "l2": 0.0},
+    # NAYER scripts/nayer_100.sh (CIFAR-10 values: lr_g 4e-3, bn 10, oh 0.5, adv 1.33, g_loops 2) with
+    # datafree_kd.py's defaults (bn_mmt 0.9, le_emb_size 1000, eta_min 2e-4, ngf 64 at NAYER datafree_kd.py:289);
+    # g_steps 20 and g_life 3 instead of 30 and 10, so 5 rounds see a generator re-initialized (rounds 1 and 4);
+    # no warm-up (its 10 loops per epoch would be most of the budget). One-hot label embeddings on both sides:
+    # the repository ships CLIP embeddings for CIFAR's names only, and one-hot is our cpu preset's input.
+    "nayer": {**_COMMON, "rounds": 5, "g_steps": 20, "kd_steps": 100, "lr_min": 2e-4, "ngf": 64,
+              "lr_g": 4e-3, "bn": 10.0, "oh": 0.5, "adv": 1.33, "bn_mmt": 0.9, "le_emb_size": 1000,
+              "g_life": 3, "g_loops": 2, "gwp_loops": 10, "label_embeddings": "onehot"},
 }
 
 # The checkouts a method can run from: the first is the authors' own repository for that method.
@@ -59,6 +68,7 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "fast_meta": ("Fast-Datafree",),
     "cmi": ("CMI", "Fast-Datafree", "CSD"),
     "deepinversion": ("CMI", "Fast-Datafree", "CSD"),
+    "nayer": ("NAYER",),
 }
 
 # Protocol key -> dfkd-bench run field (or method./loss. key); a tuple sets several keys to one value.
@@ -75,6 +85,8 @@ _OUR_KEYS: dict[str, str | tuple[str, ...]] = {
     "cr": "method.cr", "cr_T": "method.cr_T", "bank_size": "method.bank_size",
     "n_neg": "method.n_negatives", "head_dim": "method.head_dim",
     "bn_mmt": "method.bn_momentum", "tv": "method.tv", "l2": "method.l2",
+    "le_emb_size": "method.le_emb_size", "g_life": "method.g_life", "g_loops": "method.g_loops",
+    "gwp_loops": "method.gwp_loops", "label_embeddings": "method.label_embeddings",
 }
 # Protocol keys that become command-line options of `dfkd-bench run` instead of --set keys.
 CLI_KEYS = ("dataset", "teacher", "student", "loss")

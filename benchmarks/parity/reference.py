@@ -2,11 +2,11 @@
 
 Their ``datafree_kd.py`` parses ``sys.argv`` at import, so its ``main_worker`` and ``train``
 cannot be imported; :func:`run_reference` follows them step by step instead, citing the lines
-(``CSD:``, ``Fast:`` and ``CMI:`` name the three repositories' ``datafree_kd.py``). Logging,
+X
 TensorBoard, checkpoints and sample grids are left out: they do not touch the math. The
 evaluation is dfkd-bench's own, so both sides are scored by the same code.
 
-Each run is its own process, because all three repositories ship a package named ``datafree``:
+Each run is its own process, because all four repositories ship a package named ``datafree``:
 
     python -m benchmarks.parity.reference JOB.json RESULT.json
 """
@@ -62,9 +62,9 @@ def check_supported(method: str, repo: str, proto: dict[str, Any]) -> None:
     if repo not in REFERENCES[method]:
         wanted = " or ".join(REPOS[r] for r in REFERENCES[method])
         raise DfkdError(f"method '{method}' runs from a checkout of {wanted}, not {REPOS[repo]}")
-    if proto["warmup"] and method not in ("fast", "fast_meta"):
-        raise DfkdError(f"only Fast's synthesizers know a warm-up (their adversarial term waits for it); "
-                        f"set warmup 0 for '{method}'")
+    if proto["warmup"] and method not in ("fast", "fast_meta", "nayer"):
+        raise DfkdError(f"only Fast's and NAYER's synthesizers know a warm-up (their adversarial term waits "
+                        f"for it); set warmup 0 for '{method}'")
     if proto["momentum"] != 0.9:
         raise DfkdError("their student SGD hard-codes momentum 0.9 (datafree_kd.py: SGD(..., momentum=0.9))")
     if proto["loss"] != ("csd" if method == "csd" else "kl"):
@@ -96,6 +96,18 @@ def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str
         return datafree.synthesis.DeepInvSyntheiszer(
             teacher=teacher, student=student, iterations=p["g_steps"], lr_g=p["lr_g"],
             adv=p["adv"], bn=p["bn"], oh=p["oh"], tv=p["tv"], l2=p["l2"], **common)
+    if method == "nayer":  # NAYER: 282-300
+        embeddings = label_embeddings(p["label_embeddings"], spec.num_classes)
+        # le_size is the embeddings' width: datafree_kd.py leaves it at the default 512 of CLIP's embeddings
+        generator = datafree.models.generator.NLGenerator(
+            ngf=p["ngf"], img_size=spec.image_size, nc=spec.channels, nl=spec.num_classes, label_emb=embeddings,
+            le_emb_size=p["le_emb_size"], le_size=embeddings.shape[1], sbz=p["synth_batch_size"])
+        return datafree.synthesis.NAYER(
+            teacher, student, generator, num_classes=spec.num_classes, img_size=img_size, init_dataset=None,
+            save_dir=str(pool_dir), device=DEVICE, transform=transform, normalizer=normalizer,
+            synthesis_batch_size=p["synth_batch_size"], sample_batch_size=p["batch_size"], g_steps=p["g_steps"],
+            warmup=p["warmup"], lr_g=p["lr_g"], adv=p["adv"], bn=p["bn"], oh=p["oh"], bn_mmt=p["bn_mmt"],
+            g_life=p["g_life"], g_loops=p["g_loops"], gwp_loops=p["gwp_loops"])
     # CSD: 294, Fast: 293/306, CMI: 268
     generator = datafree.models.generator.Generator(nz=p["nz"], ngf=p["ngf"], img_size=spec.image_size,
                                                     nc=spec.channels)
@@ -118,10 +130,22 @@ def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str
     raise DfkdError(f"the reference runner does not know method '{method}'")
 
 
+def label_embeddings(source: str, num_classes: int) -> torch.Tensor:
+    """The matrix NAYER's generator embeds the targets with: one-hot (our fallback, the identity) or a
+    file read by dfkd-bench's loader (their datafree_kd.py unpickles ``label_embedding/<dataset>_le.pickle``),
+    so both sides start from the same tensor."""
+    if source == "onehot":
+        return torch.eye(num_classes)
+    from dfkd_bench.methods.nayer import load_label_embeddings
+
+    return load_label_embeddings(source, num_classes)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, p: dict[str, Any]):
     """Their cosine schedule, from the protocol. CSD: 320 and CMI: 290 anneal over --epochs to 0.
     Fast: 324 hard-codes T_max=200 and eta_min=2e-4; 200 is --epochs minus --warmup in all its
-    scripts (220 - 20), so T_max is rounds minus warm-up (the protocol's lr_min holds the 2e-4)."""
+    scripts (220 - 20), so T_max is rounds minus warm-up (the protocol's lr_min holds the 2e-4).
+    NAYER: 338 anneals over epochs minus warm-up to --eta_min (2e-4)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, p["rounds"] - p["warmup"]),
                                                       eta_min=p["lr_min"])
 
@@ -197,17 +221,17 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
         for epoch in range(p["rounds"]):  # CSD: 362, Fast: 366, CMI: 332; ep_steps // kd_steps == 1 round
             lr = optimizer.param_groups[0]["lr"]
             t0, c0 = time.time(), time.process_time()
-            synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339
+            synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339, NAYER: 382
             if method == "csd":
                 synthesizer.reset_head()  # CSD: 370-371, before the student steps
             t1, c1 = time.time(), time.process_time()
-            distill = epoch >= p["warmup"]  # Fast: 373 (CSD and CMI have no warm-up)
+            distill = epoch >= p["warmup"]  # Fast: 373, NAYER: 394 (CSD and CMI have no warm-up)
             if distill:
                 train(synthesizer, student, teacher, criterion, optimizer, p["kd_steps"], alignhead, p.get("fea", 0.0))
             t2, c2 = time.time(), time.process_time()
             acc = evaluate(student, test_x, test_y, eval_norm, torch.device(DEVICE))  # CSD: 381-389
             t3 = time.time()
-            if distill:  # CSD: 393 and CMI: 351 step every epoch; Fast: 399-400 only after the warm-up
+            if distill:  # CSD: 393 and CMI: 351 step every epoch; Fast: 399-400, NAYER: 433-434 after the warm-up
                 scheduler.step()
             rounds.append({"round": epoch + 1, "acc": round(acc, 4), "lr": lr, "synth_seconds": round(t1 - t0, 3),
                            "distill_seconds": round(t2 - t1, 3), "eval_seconds": round(t3 - t2, 3),

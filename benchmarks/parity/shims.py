@@ -23,18 +23,18 @@ import torch.utils.data
 from dfkd_bench.errors import DfkdError
 
 # The files that tell the three repositories apart (each also ships datafree/synthesis/contrastive.py).
-_MARKERS = (("CSD", "datafree/synthesis/csd.py"), ("Fast-Datafree", "datafree/synthesis/fast.py"),
-            ("CMI", "datafree/synthesis/contrastive.py"))
+_MARKERS = (("CSD", "datafree/synthesis/csd.py"), ("NAYER", "datafree/synthesis/nayer.py"),
+            ("Fast-Datafree", "datafree/synthesis/fast.py"), ("CMI", "datafree/synthesis/contrastive.py"))
 
 
 def detect_repo(checkout: Path) -> str:
-    """Which authors' repository ``checkout`` is: 'CSD', 'Fast-Datafree' or 'CMI'."""
+    """Which authors' repository ``checkout`` is: 'CSD', 'NAYER', 'Fast-Datafree' or 'CMI' (in that order:
+    NAYER's package also ships Fast's fast.py)."""
     checkout = Path(checkout)
     if not (checkout / "datafree" / "__init__.py").is_file():
         raise DfkdError(f"{checkout} is not a checkout of the authors' code (no datafree/__init__.py); "
-                        "git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, zju-vipa/CMI)")
-    if (checkout / "datafree/synthesis/nayer.py").is_file():  # NAYER also ships fast.py, but is not covered
-        raise DfkdError(f"{checkout} is a NAYER checkout; the parity harness covers CSD, Fast-Datafree and CMI")
+                        "git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, zju-vipa/CMI, "
+                        "tmtuan1307/NAYER)")
     for name, marker in _MARKERS:
         if (checkout / marker).is_file():
             return name
@@ -150,7 +150,12 @@ def installed(checkout: Path) -> Iterator[list[str]]:
             sys.modules["torchvision.models.utils"] = stub
             added_modules.append("torchvision.models.utils")
             patches.applied.append("torchvision.models.utils")
-        # unconditional .cuda() calls (Fast-Datafree's generator clone, meta-gradients): the protocol runs on CPU
+        if _missing("xlsxwriter"):  # NAYER's fast_meta.py imports it for spreadsheets the harness never writes
+            sys.modules["xlsxwriter"] = types.ModuleType("xlsxwriter")
+            added_modules.append("xlsxwriter")
+            patches.applied.append("xlsxwriter")
+        # unconditional .cuda() calls (Fast-Datafree's generator clone, meta-gradients, NAYER's generator
+        # re-initialization): the protocol runs on CPU
         patches.set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
         patches.set(nn.Module, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
         patches.set(torch.utils.data, "DataLoader", _SerialDataLoader, "dataloader-workers-0")

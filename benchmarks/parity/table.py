@@ -81,6 +81,9 @@ def _mean(values: list[float]) -> float | None:
 
 def _describe(method: str, proto: dict[str, Any]) -> str:
     steps = f"{proto['g_steps']} synthesis steps on {proto['synth_batch_size']} images"
+    if "g_loops" in proto:  # NAYER: loops of g_steps per round, each with a new noisy layer
+        steps = (f"{proto['g_loops']} loops of {steps} (generator re-initialized every {proto['g_life']} rounds, "
+                 f"{proto['label_embeddings']} label embeddings)")
     weights = ", ".join(f"{k} {proto[k]:g}" for k in ("bn", "oh", "adv", "csd", "cr", "cr_T", "tv", "bn_mmt", "fea")
                         if k in proto)
     return (f"{proto['dataset']}, {proto['teacher']} -> {proto['student']}; {proto['rounds']} round"
