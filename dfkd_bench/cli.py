@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -120,20 +121,26 @@ STUDENT_HELP = ("Zoo or timm model name. Default: the teacher's paired student (
                    "`torchrun --nproc_per_node=N -m dfkd_bench run ...` does.")
 @click.option("--train-teacher/--no-train-teacher", default=True, show_default=True,
               help="Train a missing teacher with its dataset's recipe (as `teacher train`), or stop with exit 2.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved config (run fields, method's and loss's settings) as JSON and exit: "
+                   "nothing is trained or written.")
 def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, budgets, output, name,
-        resume_dir, init_bank, teacher_store, device, ddp, train_teacher) -> None:
+        resume_dir, init_bank, teacher_store, device, ddp, train_teacher, dry_run) -> None:
     """Run one method under the shared protocol and write a run folder."""
-    from .config import parse_assignments
+    from .config import parse_assignments, resolve_config
 
     overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     if resume_dir is not None and not (Path(resume_dir) / "config.json").is_file():
         raise DfkdError(f"nothing to resume: {Path(resume_dir) / 'config.json'} does not exist")
     fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, epochs=epochs, device=device,
                   init_bank=str(init_bank) if init_bank else None)
+    if dry_run:
+        cfg, _, _ = resolve_config(method, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
+        run_dir = Path(resume_dir) if resume_dir is not None else Path(output) / (name or default_run_name(cfg))
+        click.echo(json.dumps({"run_dir": str(run_dir), **cfg.to_dict()}, indent=2, default=str))
+        return
     if ddp:
         if train_teacher:  # once, here: the ranks only load it
-            from .config import resolve_config
-
             cfg, _, _ = resolve_config(method, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
             with _progress() as progress:
                 _ensure_teacher(progress, cfg, teacher_store, True)

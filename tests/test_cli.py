@@ -96,6 +96,23 @@ def test_bad_set_values(assignment, fragment, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
+    result = invoke("run", "--method", "zskt", "--preset", "paper", "--seed", "3", "--set", "epochs=7", "--dry-run",
+                    "--teacher-store", tmp_path / "no_store", "--output", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.stdout)
+    assert (cfg["method"], cfg["preset"], cfg["seed"], cfg["epochs"]) == ("zskt", "paper", 3, 7)
+    assert (cfg["optimizer"], cfg["grad_clip"], cfg["loss"]) == ("adam", 5.0, "zskt")  # the preset, resolved
+    assert cfg["method_cfg"]["nz"] == 100 and cfg["loss_cfg"]["beta"] == 250.0
+    assert cfg["run_dir"] == str(tmp_path / "runs" / "fashion-mnist-wrn16_2-wrn16_1-zskt-paper-s3")
+    assert not any(tmp_path.iterdir())  # no teacher trained, no folder made
+
+
+def test_dry_run_refuses_a_bad_setting_like_a_run(tmp_path):
+    assert_user_error(invoke("run", "--method", "dafl", "--set", "lr_schedule=step", "--dry-run",
+                             "--output", tmp_path), "lr_schedule=step needs lr_milestones")
+
+
 def test_missing_teacher_with_no_train_teacher_says_how_to_train_it(tmp_path):
     store = tmp_path / "empty_store"
     store.mkdir()
