@@ -119,10 +119,11 @@ _ONLINE = {"synth_batch_size": 128, "kd_augment": False, "temperature": 1.0, "kd
            **_CIFAR}
 # The datafree package's DAFL (CMI scripts/dafl/dafl_cifar10_wrn402_wrn161.sh; its student loss is KL at T 1
 # whatever --T says, because datafree_kd.py reassigns `criterion`): one generator step, then 5 student steps
-# on new samples drawn with the generator in eval mode; balance 20 on ln = ie 8.686 on log10.
+# on new samples drawn with the generator in eval mode; balance 20 on ln = ie 8.686 on log10; the student's
+# cosine anneals to 0 (CMI datafree_kd.py l.290).
 register_preset("dafl", "package", {
     "epochs": 200, "ep_steps": 400, "kd_steps": 5, "batch_size": 256, "synth_batch_size": 256,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_min": 2e-4, "temperature": 1.0, "kd_augment": False,
+    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 1.0, "kd_augment": False,
     "method.generator": "package", "method.g_steps": 1, "method.nz": 512, "method.lr_g": 1e-3, "method.beta1": 0.5,
     "method.oh": 1.0, "method.ie": 20 / math.log(10), "method.act": 0.001, "method.reuse_batch": False,
     "method.sample_eval": True,

@@ -97,10 +97,12 @@ register_preset("dfad", "paper", {
 })
 # The datafree package's DFAD (Fast-Datafree scripts/dfad_cifar.sh, which CMI's datafree_kd.py also runs): its
 # generator, Adam betas (0.5, 0.999), the student in eval mode for the generator step, new samples for each of
-# 5 student steps (generator in eval mode), L1 for the student too (datafree_kd.py reassigns `criterion`).
+# 5 student steps (generator in eval mode), L1 for the student too (datafree_kd.py reassigns `criterion`);
+# the student's cosine anneals to 0 (CMI datafree_kd.py l.290; Fast-Datafree's copy, which builds this
+# synthesizer with student=teacher, anneals to 2e-4).
 register_preset("dfad", "package", {
     "epochs": 200, "ep_steps": 400, "kd_steps": 5, "batch_size": 256, "synth_batch_size": 256,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_min": 2e-4, "kd_augment": False,
+    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "kd_augment": False,
     "method.generator": "package", "method.g_steps": 1, "method.nz": 256, "method.lr_g": 1e-3, "method.beta1": 0.5,
     "method.lr_g_schedule": False, "method.student_bn_train": False, "method.sample_eval": True,
 })

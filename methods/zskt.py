@@ -194,10 +194,11 @@ register_preset("zskt", "paper", {
 })
 # The datafree package's ZSKT (CMI scripts/zskt/zskt_cifar10_wrn402_wrn161.sh): a generator step on new
 # latents, then 5 student steps on new samples (generator in eval mode) with KL at T 1 (the script's --T 20
-# is overridden by datafree_kd.py's reassigned `criterion`), no attention transfer, no clipping.
+# is overridden by datafree_kd.py's reassigned `criterion`), no attention transfer, no clipping; the student's
+# cosine anneals to 0 (CMI datafree_kd.py l.290).
 register_preset("zskt", "package", {
     "epochs": 200, "ep_steps": 400, "kd_steps": 5, "batch_size": 256, "synth_batch_size": 256,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_min": 2e-4, "temperature": 1.0, "kd_augment": False,
+    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 1.0, "kd_augment": False,
     "loss": "kl", "method.generator": "package", "method.g_steps": 1, "method.nz": 256, "method.lr_g": 1e-3,
     "method.beta1": 0.5, "method.grad_clip": 0.0, "method.lr_g_schedule": False, "method.student_bn_train": False,
     "method.fixed_batch": False, "method.sample_eval": True,

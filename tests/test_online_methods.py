@@ -190,6 +190,9 @@ def test_paper_presets_train_the_student_as_the_authors_code():
     assert (cfg.optimizer, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_gamma) == ("sgd", "step", (800, 1600), 0.1)
     cfg, _, _ = resolve_config("dfad", "paper")  # DFAD_cifar.py --scheduler
     assert (cfg.optimizer, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_gamma) == ("sgd", "step", (99, 199), 0.1)
+    # the datafree package as CMI's datafree_kd.py runs it: cosine to 0 (l.290)
+    for method, preset in (("dafl", "package"), ("zskt", "package"), ("dfq", "paper"), ("dfad", "package")):
+        assert resolve_config(method, preset)[0].lr_min == 0.0, (method, preset)
     for method in ONLINE:  # the benchmark's presets keep the shared protocol's student
         for preset in ("quick", "cpu"):
             cfg, _, _ = resolve_config(method, preset)
