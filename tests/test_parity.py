@@ -17,7 +17,7 @@ from conftest import TINY
 
 from benchmarks.parity import shims
 from benchmarks.parity.__main__ import cli
-from benchmarks.parity.protocols import OUR_PRESET, PROTOCOLS, ours_overrides, protocol, protocol_sha
+from benchmarks.parity.protocols import ONLINE, OUR_PRESET, PROTOCOLS, ours_overrides, protocol, protocol_sha
 from benchmarks.parity.reference import run_reference
 from benchmarks.parity.sweep import RunSpec, existing_result, ours_rounds, plan
 from benchmarks.parity.table import write_tables
@@ -37,14 +37,18 @@ def test_every_protocol_resolves_on_our_side_with_nothing_left_to_the_preset(met
     cfg, method_cfg, loss_cfg = resolve_config(method, OUR_PRESET, {**overrides, "loss": proto["loss"]},
                                                dataset=proto["dataset"], teacher=proto["teacher"],
                                                student=proto["student"])
-    assert (cfg.epochs, cfg.ep_steps, cfg.kd_steps) == (proto["rounds"], proto["kd_steps"], proto["kd_steps"])
-    assert cfg.rounds_per_epoch == 1  # a round is an epoch: accuracy after every round
+    ep_steps = proto.get("ep_steps", proto["kd_steps"])
+    assert (cfg.epochs, cfg.ep_steps, cfg.kd_steps) == (proto["rounds"], ep_steps, proto["kd_steps"])
+    if method in ONLINE:  # an epoch of several generator rounds, each followed by kd_steps student steps
+        assert cfg.rounds_per_epoch == ep_steps // proto["kd_steps"] > 1
+    else:
+        assert cfg.rounds_per_epoch == 1  # a round is an epoch: accuracy after every round
     assert (cfg.lr, cfg.lr_min, cfg.weight_decay, cfg.temperature, cfg.warmup_epochs) == (
         proto["lr"], proto["lr_min"], proto["weight_decay"], proto["T"], proto["warmup"])
     assert (cfg.batch_size, cfg.synth_batch_size, cfg.kd_augment) == (proto["batch_size"], proto["synth_batch_size"],
-                                                                     True)
+                                                                     method not in ONLINE)
     assert method_cfg.g_steps == proto["g_steps"] and method_cfg.lr_g == proto["lr_g"]
-    for key in ("bn", "oh", "adv", "csd", "cr", "cr_T", "tv", "l2", "lr_z", "nz", "ngf"):
+    for key in ("bn", "oh", "adv", "csd", "cr", "cr_T", "tv", "l2", "lr_z", "nz", "ngf", "balance"):
         if key in proto:
             assert getattr(method_cfg, key) == proto[key], key
     if "bn_mmt" in proto:
@@ -194,6 +198,8 @@ def test_classifier_interface_has_the_authors_feature_meaning():
     assert tuple(f4.shape) == (3, 64)
     assert not torch.allclose(f3, model.forward_features(x))  # f3 is taken before the final BN-ReLU
     assert torch.allclose(f4, model.forward_head(model.forward_features(x), pre_logits=True), atol=1e-6)
+    pooled_logits, pooled = shims.ClassifierInterface(model, pooled_features=True)(x, return_features=True)
+    assert torch.equal(pooled_logits, logits) and torch.equal(pooled, f4)  # CMI's, Fast's, NAYER's meaning
     with pytest.raises(DfkdError, match="Wide ResNet"):
         shims.ClassifierInterface(create_model("cifar_vgg8_bn", 10, 1, 28))
 
@@ -322,6 +328,30 @@ class FastSynthesizer(_Pool):
         return super().synthesize(), 0.0
 
 
+class LargeGenerator(Generator):
+    pass
+
+
+class GenerativeSynthesizer:
+    def __init__(self, teacher, student, generator, nz, img_size, iterations=1, lr_g=1e-3, synthesis_batch_size=128,
+                 sample_batch_size=128, adv=0, bn=0, oh=0, act=0, balance=0, criterion=None, normalizer=None,
+                 device='cpu', autocast=None, use_fp16=False, distributed=False):
+        self.teacher, self.student, self.generator, self.nz = teacher, student, generator, nz
+        self.sample_batch_size, self.normalizer = sample_batch_size, normalizer
+        log("init", cls="GenerativeSynthesizer", act=act, balance=balance, adv=adv,
+            criterion=type(criterion).__name__, criterion_T=getattr(criterion, "T", None))
+
+    def synthesize(self):
+        _, features = self.teacher(self.normalizer(self.generator(torch.randn(2, self.nz))), return_features=True)
+        log("synthesize", student_training=self.student.training, features=list(features.shape))
+        return {{"synthetic": None}}
+
+    def sample(self):
+        log("sample", student_training=self.student.training)
+        with torch.no_grad():
+            return self.normalizer(self.generator(torch.randn(self.sample_batch_size, self.nz)))
+
+
 class NLGenerator(nn.Module):
     def __init__(self, ngf=64, img_size=32, nc=3, nl=100, label_emb=None, le_emb_size=256, le_size=512, sbz=200):
         super().__init__()
@@ -355,12 +385,12 @@ def _stub_checkout(root: Path, repo_marker: str) -> Path:
         (pkg / sub).mkdir(parents=True)
     (pkg / "stub.py").write_text(textwrap.dedent(_STUB.format(log=str(root / "calls.jsonl"))))
     (pkg / "__init__.py").write_text("from . import synthesis, utils, criterions, models\n")
-    (pkg / "synthesis" / "__init__.py").write_text("from ..stub import CSDSynthesizer, FastSynthesizer, NAYER\n")
+    (pkg / "synthesis" / "__init__.py").write_text("from ..stub import CSDSynthesizer, FastSynthesizer, NAYER, GenerativeSynthesizer\n")
     (pkg / "synthesis" / repo_marker).write_text("")
     (pkg / "utils" / "__init__.py").write_text("from ..stub import Normalizer, AlignHead\n")
     (pkg / "criterions.py").write_text("from .stub import KLDiv\n")
     (pkg / "models" / "__init__.py").write_text("from . import generator\n")
-    (pkg / "models" / "generator.py").write_text("from ..stub import Generator, NLGenerator\n")
+    (pkg / "models" / "generator.py").write_text("from ..stub import Generator, NLGenerator, LargeGenerator\n")
     return root
 
 
@@ -429,9 +459,29 @@ def test_reference_runner_builds_nayer_on_one_hot_embeddings_and_keeps_its_warm_
     assert result["reference"]["repo"] == "NAYER"
 
 
+def test_reference_runner_runs_dfq_as_cmis_loop_several_rounds_per_epoch(tmp_path, tiny_store):
+    checkout = _stub_checkout(tmp_path / "CMI", "contrastive.py")
+    job = _tiny_job("dfq", checkout, tiny_store, tmp_path / "work", ep_steps=4, kd_steps=2)
+    result = run_reference(job, echo=lambda line: None)
+    calls = _calls(checkout)
+    # CMI datafree_kd.py:337: ep_steps // kd_steps = 2 cycles of (synthesize, kd_steps samples) per epoch
+    cycle = ["synthesize", "sample", "sample"]
+    assert [c["event"] for c in calls] == ["init"] + cycle * 4
+    init = calls[0]
+    assert (init["act"], init["balance"], init["adv"]) == (0.0, 20.0, 1.0)  # the DFQ script's weights
+    assert (init["criterion"], init["criterion_T"]) == ("KLDiv", 1.0)  # the package's generator criterion
+    # CMI's WideResNet hands back the pooled features, not CSD's list of block outputs
+    assert all(c["features"] == [2, 64] for c in calls if c["event"] == "synthesize")
+    assert [r["round"] for r in result["rounds"]] == [1, 2]  # evaluated once per epoch
+    assert all(r["distill_seconds"] > 0 for r in result["rounds"])
+
+
 def test_reference_runner_refuses_what_their_code_cannot_express(tmp_path, tiny_store):
     checkout = _stub_checkout(tmp_path / "CSD", "csd.py")
     with pytest.raises(DfkdError, match="only Fast's and NAYER's synthesizers know a warm-up"):
         run_reference(_tiny_job("csd", checkout, tiny_store, tmp_path / "w", warmup=1))
     with pytest.raises(DfkdError, match="zju-vipa/Fast-Datafree"):
         run_reference(_tiny_job("fast", checkout, tiny_store, tmp_path / "w"))
+    cmi = _stub_checkout(tmp_path / "CMI", "contrastive.py")
+    with pytest.raises(DfkdError, match="augment must be false for 'dfq'"):
+        run_reference(_tiny_job("dfq", cmi, tiny_store, tmp_path / "w", augment=True))

@@ -56,6 +56,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     # g_steps 20 and g_life 3 instead of 30 and 10, so 5 rounds see a generator re-initialized (rounds 1 and 4);
     # no warm-up (its 10 loops per epoch would be most of the budget). One-hot label embeddings on both sides:
     # the repository ships CLIP embeddings for CIFAR's names only, and one-hot is our cpu preset's input.
+    # CMI scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (DFQ has no authors' code; the package is its reference):
+    # 10 rounds per epoch of 1 generator step and 10 student steps on new samples, no augmentation, KL at
+    # T 1 (datafree_kd.py:259 reassigns the criterion whatever --T says), cosine to 0 (l.290); 5 epochs of
+    # the cpu preset's 200 student steps
+    "dfq": {**_COMMON, "rounds": 5, "ep_steps": 200, "kd_steps": 10, "g_steps": 1, "nz": 256, "T": 1.0,
+            "augment": False, "lr_g": 1e-3, "bn": 1.0, "oh": 1.0, "adv": 1.0, "balance": 20.0},
     "nayer": {**_COMMON, "rounds": 5, "g_steps": 20, "kd_steps": 100, "lr_min": 2e-4, "ngf": 64,
               "lr_g": 4e-3, "bn": 10.0, "oh": 0.5, "adv": 1.33, "bn_mmt": 0.9, "le_emb_size": 1000,
               "g_life": 3, "g_loops": 2, "gwp_loops": 10, "label_embeddings": "onehot"},
@@ -69,12 +75,17 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "cmi": ("CMI", "Fast-Datafree", "CSD"),
     "deepinversion": ("CMI", "Fast-Datafree", "CSD"),
     "nayer": ("NAYER",),
+    "dfq": ("CMI",),  # Fast-Datafree's datafree_kd.py:270 builds it with student=teacher (no adversary)
 }
+# Online methods: a new generator batch for every student step, no pool; "rounds" are epochs of
+# ep_steps // kd_steps (generator step, kd_steps student steps) cycles, evaluated once per epoch.
+ONLINE = ("dfq",)
 
 # Protocol key -> dfkd-bench run field (or method./loss. key); a tuple sets several keys to one value.
 _OUR_KEYS: dict[str, str | tuple[str, ...]] = {
     "rounds": "epochs",
-    "kd_steps": ("ep_steps", "kd_steps"),  # one round per epoch
+    "kd_steps": ("ep_steps", "kd_steps"),  # one round per epoch, unless the protocol sets ep_steps
+    "ep_steps": "ep_steps", "augment": "kd_augment", "balance": "method.balance",
     "batch_size": "batch_size", "synth_batch_size": "synth_batch_size",
     "lr": "lr", "lr_min": "lr_min", "momentum": "momentum", "weight_decay": "weight_decay",
     "T": "temperature", "warmup": "warmup_epochs",
@@ -90,7 +101,8 @@ _OUR_KEYS: dict[str, str | tuple[str, ...]] = {
 }
 # Protocol keys that become command-line options of `dfkd-bench run` instead of --set keys.
 CLI_KEYS = ("dataset", "teacher", "student", "loss")
-# Always set on our side: the same per-sample crop + flip their loaders apply (the dataset's train transform).
+# Set on our side unless the protocol says otherwise ("augment"): the same per-sample crop + flip their
+# loaders apply (the dataset's train transform).
 _OUR_CONSTANTS = {"kd_augment": "true"}
 # The preset our side starts from; every key it sets is overridden (tests/test_parity.py checks it).
 OUR_PRESET = "quick"
@@ -131,6 +143,8 @@ def ours_overrides(proto: dict[str, Any]) -> dict[str, str]:
         if key not in _OUR_KEYS:
             raise DfkdError(f"protocol key '{key}' has no dfkd-bench equivalent in benchmarks/parity/protocols.py")
         targets = _OUR_KEYS[key]
+        if key == "kd_steps" and "ep_steps" in proto:  # several rounds per epoch
+            targets = "kd_steps"
         for target in (targets,) if isinstance(targets, str) else targets:
             out[target] = _our_value(key, value)
     return out

@@ -34,7 +34,7 @@ from dfkd_bench.teachers import load_teacher
 from dfkd_bench.zoo import create_model
 
 from . import shims
-from .protocols import REFERENCES, REPOS
+from .protocols import ONLINE, REFERENCES, REPOS
 
 DEVICE = "cpu"
 
@@ -65,6 +65,9 @@ def check_supported(method: str, repo: str, proto: dict[str, Any]) -> None:
     if proto["warmup"] and method not in ("fast", "fast_meta", "nayer"):
         raise DfkdError(f"only Fast's and NAYER's synthesizers know a warm-up (their adversarial term waits "
                         f"for it); set warmup 0 for '{method}'")
+    if proto.get("augment", True) != (method not in ONLINE):
+        raise DfkdError("their pool loaders always crop + flip, and their online synthesizers' samples never are: "
+                        f"augment must be {str(method not in ONLINE).lower()} for '{method}'")
     if proto["momentum"] != 0.9:
         raise DfkdError("their student SGD hard-codes momentum 0.9 (datafree_kd.py: SGD(..., momentum=0.9))")
     if proto["loss"] != ("csd" if method == "csd" else "kl"):
@@ -96,6 +99,15 @@ def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str
         return datafree.synthesis.DeepInvSyntheiszer(
             teacher=teacher, student=student, iterations=p["g_steps"], lr_g=p["lr_g"],
             adv=p["adv"], bn=p["bn"], oh=p["oh"], tv=p["tv"], l2=p["l2"], **common)
+    if method in ONLINE:  # CMI: 255-264, a 64-channel LargeGenerator and the package's online synthesizer
+        generator = datafree.models.generator.LargeGenerator(nz=p["nz"], ngf=64, img_size=spec.image_size,
+                                                             nc=spec.channels)
+        return datafree.synthesis.GenerativeSynthesizer(
+            teacher=teacher, student=student, generator=generator, nz=p["nz"], img_size=img_size,
+            iterations=p["g_steps"], lr_g=p["lr_g"], synthesis_batch_size=p["synth_batch_size"],
+            sample_batch_size=p["batch_size"], adv=p["adv"], bn=p["bn"], oh=p["oh"],
+            act=0.0,  # the DFQ script's --act 0
+            balance=p["balance"], criterion=datafree.criterions.KLDiv(), normalizer=normalizer, device=DEVICE)
     if method == "nayer":  # NAYER: 282-300
         embeddings = label_embeddings(p["label_embeddings"], spec.num_classes)
         # le_size is the embeddings' width: datafree_kd.py leaves it at the default 512 of CLIP's embeddings
@@ -195,8 +207,9 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
         teacher, teacher_meta = load_teacher(spec, p["teacher"], Path(job["teacher_store"]))
         student = create_model(p["student"], spec.num_classes, spec.channels, spec.image_size)
         teacher.requires_grad_(True)  # their teacher is never frozen (CSD: 245), only kept in eval mode
-        teacher = shims.ClassifierInterface(teacher).to(DEVICE).eval()
-        student = shims.ClassifierInterface(student).to(DEVICE)
+        pooled = repo != "CSD"  # what their WideResNet returns as features (see ClassifierInterface)
+        teacher = shims.ClassifierInterface(teacher, pooled).to(DEVICE).eval()
+        student = shims.ClassifierInterface(student, pooled).to(DEVICE)
         normalizer = datafree.utils.Normalizer(mean=spec.mean, std=spec.std)  # CSD: 246
         criterion = datafree.criterions.KLDiv(T=p["T"])  # CSD: 250
         alignhead = None
@@ -218,27 +231,40 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
         test_x, test_y = spec.load("test")
         eval_norm = Normalizer(spec.mean, spec.std)
         rounds = []
-        for epoch in range(p["rounds"]):  # CSD: 362, Fast: 366, CMI: 332; ep_steps // kd_steps == 1 round
+        # CMI: 337 runs ep_steps // kd_steps (synthesize, train) cycles per epoch: one for the pool methods'
+        # protocols (ep_steps == kd_steps), several for the online ones; the student is evaluated per epoch
+        cycles = p.get("ep_steps", p["kd_steps"]) // p["kd_steps"]
+        for epoch in range(p["rounds"]):  # CSD: 362, Fast: 366, CMI: 332
             lr = optimizer.param_groups[0]["lr"]
-            t0, c0 = time.time(), time.process_time()
-            synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339, NAYER: 382
-            if method == "csd":
-                synthesizer.reset_head()  # CSD: 370-371, before the student steps
-            t1, c1 = time.time(), time.process_time()
             distill = epoch >= p["warmup"]  # Fast: 373, NAYER: 394 (CSD and CMI have no warm-up)
-            if distill:
-                train(synthesizer, student, teacher, criterion, optimizer, p["kd_steps"], alignhead, p.get("fea", 0.0))
-            t2, c2 = time.time(), time.process_time()
+            wall, cpu = {"synth": 0.0, "distill": 0.0}, {"synth": 0.0, "distill": 0.0}
+            for _ in range(cycles):
+                t0, c0 = time.time(), time.process_time()
+                synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339, NAYER: 382
+                if method == "csd":
+                    synthesizer.reset_head()  # CSD: 370-371, before the student steps
+                t1, c1 = time.time(), time.process_time()
+                if distill:
+                    train(synthesizer, student, teacher, criterion, optimizer, p["kd_steps"], alignhead,
+                          p.get("fea", 0.0))
+                t2, c2 = time.time(), time.process_time()
+                wall["synth"] += t1 - t0
+                wall["distill"] += t2 - t1
+                cpu["synth"] += c1 - c0
+                cpu["distill"] += c2 - c1
+            t2 = time.time()
             acc = evaluate(student, test_x, test_y, eval_norm, torch.device(DEVICE))  # CSD: 381-389
             t3 = time.time()
             if distill:  # CSD: 393 and CMI: 351 step every epoch; Fast: 399-400, NAYER: 433-434 after the warm-up
                 scheduler.step()
-            rounds.append({"round": epoch + 1, "acc": round(acc, 4), "lr": lr, "synth_seconds": round(t1 - t0, 3),
-                           "distill_seconds": round(t2 - t1, 3), "eval_seconds": round(t3 - t2, 3),
+            rounds.append({"round": epoch + 1, "acc": round(acc, 4), "lr": lr,
+                           "synth_seconds": round(wall["synth"], 3), "distill_seconds": round(wall["distill"], 3),
+                           "eval_seconds": round(t3 - t2, 3),
                            # CPU seconds of each phase: what a busy machine does not inflate
-                           "synth_cpu_seconds": round(c1 - c0, 3), "distill_cpu_seconds": round(c2 - c1, 3)})
-            echo(f"round {epoch + 1}/{p['rounds']}: acc {acc:.2f}%, synthesis {t1 - t0:.1f}s, "
-                 f"distillation {t2 - t1:.1f}s")
+                           "synth_cpu_seconds": round(cpu["synth"], 3),
+                           "distill_cpu_seconds": round(cpu["distill"], 3)})
+            echo(f"round {epoch + 1}/{p['rounds']}: acc {acc:.2f}%, synthesis {wall['synth']:.1f}s, "
+                 f"distillation {wall['distill']:.1f}s")
     shutil.rmtree(pool_dir, ignore_errors=True)
     return {
         "status": "complete", "reference": identity, "shims": applied, "rounds": rounds,

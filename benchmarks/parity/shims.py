@@ -45,13 +45,16 @@ class ClassifierInterface(nn.Module):
     """Shim: a dfkd-bench zoo Wide ResNet behind the authors' classifier signature.
 
     ``forward(x, return_features=True)`` returns ``(logits, [f1, f2, f3, f4])`` with the meaning
-    of their WideResNet (CSD datafree/models/classifiers/wresnet.py:84-101): f1..f3 the outputs
-    of the three groups (f3 before the final BN-ReLU), f4 the globally pooled features. Both
-    sides thus train the very same network objects and weights.
+    of CSD's WideResNet (datafree/models/classifiers/wresnet.py:84-101): f1..f3 the outputs of the
+    three groups (f3 before the final BN-ReLU), f4 the globally pooled features; with
+    ``pooled_features`` it returns ``(logits, f4)``, as CMI's, Fast-Datafree's and NAYER's
+    WideResNet do (their wresnet.py:90-103). Both sides thus train the very same network objects
+    and weights.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pooled_features: bool = False):
         super().__init__()
+        self.pooled_features = pooled_features
         missing = [a for a in ("conv1", "block1", "block2", "block3", "bn_final", "fc") if not hasattr(model, a)]
         if missing:
             raise DfkdError(f"the parity harness needs a zoo Wide ResNet (wrn*), got {type(model).__name__}")
@@ -64,7 +67,9 @@ class ClassifierInterface(nn.Module):
         f3 = m.block3(f2)
         f4 = m.forward_head(F.relu(m.bn_final(f3)), pre_logits=True)
         logits = m.fc(f4)
-        return (logits, [f1, f2, f3, f4]) if return_features else logits
+        if not return_features:
+            return logits
+        return (logits, f4) if self.pooled_features else (logits, [f1, f2, f3, f4])
 
 
 class _PILFor1Channel:

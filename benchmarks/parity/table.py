@@ -84,12 +84,18 @@ def _describe(method: str, proto: dict[str, Any]) -> str:
     if "g_loops" in proto:  # NAYER: loops of g_steps per round, each with a new noisy layer
         steps = (f"{proto['g_loops']} loops of {steps} (generator re-initialized every {proto['g_life']} rounds, "
                  f"{proto['label_embeddings']} label embeddings)")
-    weights = ", ".join(f"{k} {proto[k]:g}" for k in ("bn", "oh", "adv", "csd", "cr", "cr_T", "tv", "bn_mmt", "fea")
+    weights = ", ".join(f"{k} {proto[k]:g}" for k in ("bn", "oh", "adv", "balance", "csd", "cr", "cr_T", "tv",
+                                                     "bn_mmt", "fea")
                         if k in proto)
-    return (f"{proto['dataset']}, {proto['teacher']} -> {proto['student']}; {proto['rounds']} round"
-            f"{'s' if proto['rounds'] != 1 else ''} of "
-            f"{steps} then {proto['kd_steps']} student steps of {proto['batch_size']}; SGD lr {proto['lr']:g} "
-            f"(cosine over the rounds), wd {proto['weight_decay']:g}, T {proto['T']:g}, warm-up {proto['warmup']}; "
+    plural = "s" if proto["rounds"] != 1 else ""
+    if "ep_steps" in proto:  # an online method: several generator rounds per epoch, new samples every student step
+        body = (f"{proto['rounds']} epoch{plural} of {proto['ep_steps'] // proto['kd_steps']} rounds of ({steps}, "
+                f"{proto['kd_steps']} student steps on new samples of {proto['batch_size']})")
+    else:
+        body = (f"{proto['rounds']} round{plural} of {steps} then {proto['kd_steps']} student steps of "
+                f"{proto['batch_size']}")
+    return (f"{proto['dataset']}, {proto['teacher']} -> {proto['student']}; {body}; SGD lr {proto['lr']:g} "
+            f"(cosine over the epochs), wd {proto['weight_decay']:g}, T {proto['T']:g}, warm-up {proto['warmup']}; "
             f"{weights}; lr_g {proto['lr_g']:g}")
 
 
