@@ -385,7 +385,8 @@ def _stub_checkout(root: Path, repo_marker: str) -> Path:
         (pkg / sub).mkdir(parents=True)
     (pkg / "stub.py").write_text(textwrap.dedent(_STUB.format(log=str(root / "calls.jsonl"))))
     (pkg / "__init__.py").write_text("from . import synthesis, utils, criterions, models\n")
-    (pkg / "synthesis" / "__init__.py").write_text("from ..stub import CSDSynthesizer, FastSynthesizer, NAYER, GenerativeSynthesizer\n")
+    (pkg / "synthesis" / "__init__.py").write_text(
+        "from ..stub import CSDSynthesizer, FastSynthesizer, NAYER, GenerativeSynthesizer\n")
     (pkg / "synthesis" / repo_marker).write_text("")
     (pkg / "utils" / "__init__.py").write_text("from ..stub import Normalizer, AlignHead\n")
     (pkg / "criterions.py").write_text("from .stub import KLDiv\n")
