@@ -80,7 +80,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _describe(method: str, proto: dict[str, Any]) -> str:
-    steps = f"{proto['g_steps']} synthesis steps on {proto['synth_batch_size']} images"
+    step_s = "s" if proto["g_steps"] != 1 else ""
+    steps = f"{proto['g_steps']} synthesis step{step_s} on {proto['synth_batch_size']} images"
     if "g_loops" in proto:  # NAYER: loops of g_steps per round, each with a new noisy layer
         steps = (f"{proto['g_loops']} loops of {steps} (generator re-initialized every {proto['g_life']} rounds, "
                  f"{proto['label_embeddings']} label embeddings)")
