@@ -76,8 +76,12 @@ def draw_curves(ax: plt.Axes, curves: pd.DataFrame, x: str) -> None:
     """Per label, test accuracy against ``x``: the mean over seeds per epoch, with a ± std band (ddof=1)
     where at least two seeds reached that epoch; a single seed is a plain line. Baselines synthesize
     nothing, so off the epoch axis they are a horizontal line at their final accuracy."""
-    for i, (label, g) in enumerate(curves.groupby("label", sort=True)):
-        color = f"C{i % 10}"  # by label order, so a method has one colour in every plot
+    groups = list(curves.groupby("label", sort=True))
+    # by label order, so a method has one colour in every plot of a report; past the default cycle's
+    # 10 colours (the cpu benchmark draws 10 methods and 3 baselines), tab20's 20 keep them apart
+    palette = [f"C{i}" for i in range(10)] if len(groups) <= 10 else list(plt.get_cmap("tab20").colors)
+    for i, (label, g) in enumerate(groups):
+        color = palette[i % len(palette)]
         per_epoch = g.groupby("epoch").agg(acc=("test_acc", "mean"), std=("test_acc", "std"),
                                            seeds=("test_acc", "size"), x=(x, "mean"))
         banded = per_epoch[per_epoch["seeds"] > 1]

@@ -225,6 +225,17 @@ def _bands(curves: pd.DataFrame) -> dict[str, np.ndarray]:
     return bands
 
 
+def test_plot_gives_every_label_its_own_colour_beyond_ten_labels():
+    labels = [f"method{i:02d}" for i in range(13)]  # ten methods and three baselines, as in the cpu benchmark
+    rows = [{"label": label, "seed": 0, "epoch": e, "test_acc": 50.0 + i, "baseline": False}
+            for i, label in enumerate(labels) for e in range(3)]
+    fig, ax = plt.subplots()
+    draw_curves(ax, pd.DataFrame(rows), "epoch")
+    colors = {matplotlib.colors.to_hex(line.get_color()) for line in ax.get_lines()}
+    plt.close(fig)
+    assert len(ax.get_lines()) == 13 and len(colors) == 13
+
+
 def test_plot_band_is_mean_plus_minus_std_and_one_seed_is_a_plain_line():
     rows = []
     for seed, final in enumerate(FINALS[("cmi", "kl")]):
