@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,29 @@ def assert_user_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------- numeric effects
+
+# Where assert_effect appends what it compared (benchmarks/effect_margins.py sets it).
+EFFECTS_LOG = "DFKD_BENCH_EFFECTS"
+
+
+def assert_effect(larger, smaller, what: str) -> None:
+    """Assert ``larger > smaller``: the verdict of a test marked ``numeric``.
+
+    Such a test asserts an effect measured on a short seeded run, so another CPU's float kernels
+    move both sides a little; its settings must keep ``larger - smaller`` many times that move.
+    With ``$DFKD_BENCH_EFFECTS`` naming a file, each call appends one JSON line (the test id,
+    ``what``, both values), which ``benchmarks/effect_margins.py`` compares across kernel paths.
+    """
+    larger, smaller = float(larger), float(smaller)
+    log = os.environ.get(EFFECTS_LOG)
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"test": test, "what": what, "larger": larger, "smaller": smaller}) + "\n")
+    assert larger > smaller, f"{what}: {larger!r} is not above {smaller!r}"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_CLASSES, TINY_SHAPE, tiny_runner
+from conftest import TINY, TINY_CLASSES, TINY_SHAPE, assert_effect, tiny_runner
 
 from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError
@@ -63,13 +63,20 @@ def test_rotation_labels_and_images():
         rotate_with_labels(torch.rand(1, 1, 4, 6), torch.tensor([0]))
 
 
+@pytest.mark.numeric
 def test_synthesis_raises_the_aux_ce_of_a_fixed_head(tmp_path, tiny_store):
-    """Same seed, same student, same head: csd > 0 yields a batch the head finds harder than csd = 0."""
+    """Same seed, same student, same head: csd > 0 yields a batch the head finds harder than csd = 0.
+
+    The BN and CE terms are off, so the csd term is all that moves the generator: beside them its pull
+    on the unit-norm head is a hundredth of a nat after 40 steps, less than another CPU's rounding moves
+    it; alone it is 0.04 nats, 20 times the spread over three kernel paths (benchmarks/effect_margins.py).
+    """
     ce = {}
     head = None
     for weight in (10.0, 0.0):
         runner = tiny_runner("csd", tmp_path / f"csd{weight}", tiny_store,
-                             {"synth_batch_size": 16, "method.g_steps": 40, "method.csd": weight})
+                             {"synth_batch_size": 16, "method.g_steps": 40, "method.csd": weight,
+                              "method.bn": 0.0, "method.oh": 0.0})
         # A freshly initialized student maps every image to nearly the same features, so the
         # head's CE hardly depends on the images; the teacher's weights (same arch) do carry signal.
         runner.student.load_state_dict(runner.teacher.state_dict())
@@ -82,17 +89,19 @@ def test_synthesis_raises_the_aux_ce_of_a_fixed_head(tmp_path, tiny_store):
         method.aux_head.load_state_dict(head)  # the round re-initialized it
         runner.student.eval()
         ce[weight] = _fixed_head_ce(method, batch.images, batch.labels)
-    assert ce[10.0] > ce[0.0]
+    assert_effect(ce[10.0], ce[0.0], "aux CE of a fixed head: csd=10 over csd=0")
 
 
+@pytest.mark.numeric
 def test_one_round_lowers_its_own_loss_and_freezes_student_and_head(tmp_path, tiny_store):
     runner = tiny_runner("csd", tmp_path / "run", tiny_store, {"synth_batch_size": 16, "method.g_steps": 30})
     student_before = {k: v.clone() for k, v in runner.student.state_dict().items()}
     batch = _synthesize(runner)
     curve = batch.loss_curve
     assert len(curve) == 30 and all(map(torch.isfinite, torch.tensor(curve)))
-    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5
-    assert "csd" in batch.losses and batch.losses["csd"] < 0
+    assert_effect(sum(curve[:5]) / 5, sum(curve[-5:]) / 5, "synthesis loss: first 5 steps over last 5")
+    assert "csd" in batch.losses
+    assert_effect(0.0, batch.losses["csd"], "csd term (minus the aux CE): zero over the round's")
     assert batch.labels is not None and batch.labels.shape == (16,)
     assert batch.images.shape == (16, *TINY_SHAPE)
     assert all(p.grad is None for p in runner.method.aux_head.parameters())

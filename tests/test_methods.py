@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-from conftest import tiny_runner
+import torch
+from conftest import assert_effect, tiny_runner
 
 from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.rundir import CONFIG, METRICS, SAMPLES, STUDENT, SUMMARY, read_metrics
@@ -20,15 +21,28 @@ def test_the_five_methods_are_registered():
     assert {"deepinversion", "cmi", "fast", "fast_meta", "csd"} <= set(METHODS)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("method", METHODS)
 def test_one_round_lowers_the_methods_own_synthesis_loss(method, tiny_store, tmp_path):
-    runner = tiny_runner(method, tmp_path / "run", tiny_store, {"method.g_steps": 40})
+    # 100 steps, windows of 10: at 40 steps and windows of 5, the fall of Fast's and DFAD's loss moved by
+    # a quarter of itself between CPU kernel paths (benchmarks/effect_margins.py)
+    overrides = {"method.g_steps": 100}
+    if method == "dafl":
+        # DAFL's terms are statistics of the batch (the entropy of its mean prediction). On 8 images of the
+        # near-uniform tiny teacher its loss starts at its floor (a fall of 0.003 in 2.9, within what kernels
+        # move it); a confident teacher (logits x 10, same argmax) and 32 images leave it room to fall.
+        overrides["synth_batch_size"] = 32
+    runner = tiny_runner(method, tmp_path / "run", tiny_store, overrides)
+    if method == "dafl":
+        with torch.no_grad():
+            runner.teacher.fc.weight.mul_(10)
+            runner.teacher.fc.bias.mul_(10)
     runner.method.on_epoch_start(1, warmup=False)
     runner.student.eval().requires_grad_(False)
     batch = runner.method.synthesize()
     curve = batch.loss_curve
-    assert len(curve) == 40
-    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5, curve
+    assert len(curve) == 100
+    assert_effect(sum(curve[:10]) / 10, sum(curve[-10:]) / 10, "synthesis loss: first 10 steps over last 10")
 
 
 @pytest.mark.parametrize("method", POOL_METHODS)

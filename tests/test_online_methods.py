@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import TINY_CLI, assert_user_error, tiny_runner
+from conftest import TINY_CLI, assert_effect, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
 from dfkd_bench.config import resolve_config
@@ -85,6 +85,7 @@ def test_an_unknown_generator_is_one_line(tiny_store, tmp_path):
 
 # ---------------------------------------------------------------- DAFL
 
+@pytest.mark.numeric
 def test_dafl_information_entropy_term_balances_the_teachers_predictions(tiny_store, tmp_path):
     runner = _runner("dafl", tmp_path, tiny_store, **{"method.oh": 0.0, "method.act": 0.0, "method.g_steps": 10,
                                                        "synth_batch_size": 16})
@@ -102,7 +103,8 @@ def test_dafl_information_entropy_term_balances_the_teachers_predictions(tiny_st
     before = _entropy_of_mean_prediction(_teacher_and_student(runner, z)[0])
     method.synthesize()
     after = _entropy_of_mean_prediction(_teacher_and_student(runner, z)[0])
-    assert before < 1.0 and after > before + 0.5, (before, after)
+    assert_effect(1.0, before, "entropy of the mean prediction: 1.0 over the skewed generator's")
+    assert_effect(after, before + 0.5, "entropy of the mean prediction: after over before + 0.5")
 
 
 def test_dafl_student_learns_from_the_generator_steps_own_batch(tiny_store, tmp_path):
@@ -126,14 +128,16 @@ def test_dafl_without_batch_reuse_draws_every_student_batch(tiny_store, tmp_path
 
 # ---------------------------------------------------------------- DFAD
 
+@pytest.mark.numeric
 def test_dfad_generator_steps_widen_the_l1_gap_on_a_fixed_z(tiny_store, tmp_path):
-    # the student's BN stays in eval mode here so only the generator moves
-    runner = _runner("dfad", tmp_path, tiny_store, **{"method.g_steps": 10, "method.student_bn_train": False})
+    # the student's BN stays in eval mode here so only the generator moves; 30 steps widen the gap by
+    # about 0.27, 9 times what three CPU kernel paths move it (10 steps: 0.13, 4 times)
+    runner = _runner("dfad", tmp_path, tiny_store, **{"method.g_steps": 30, "method.student_bn_train": False})
     z = torch.randn(32, runner.method.cfg.nz)
     before = F.l1_loss(*_teacher_and_student(runner, z)).item()
     runner.method.synthesize()
     after = F.l1_loss(*_teacher_and_student(runner, z)).item()
-    assert after > before, (before, after)
+    assert_effect(after, before, "teacher-student L1 on a fixed z: after the round over before")
 
 
 def test_the_l1_loss_is_the_mean_absolute_logit_difference(tiny_store, tmp_path):
@@ -154,11 +158,12 @@ def test_attention_transfer_is_zero_for_identical_maps_scale_free_and_positive_o
     assert attention_transfer([torch.randn_like(m) for m in maps], maps).item() > 0
 
 
+@pytest.mark.numeric
 def test_zskt_generator_steps_raise_the_kl_on_the_rounds_pseudo_batch(tiny_store, tmp_path):
     runner = _runner("zskt", tmp_path, tiny_store, **{"method.g_steps": 10})
     batch = runner.method.synthesize()
     kl = [-v for v in batch.loss_curve]  # every step on the same latent batch
-    assert kl[-1] > kl[0], kl
+    assert_effect(kl[-1], kl[0], "KL on the pseudo batch: last step over first")
 
 
 def test_zskt_student_steps_of_a_round_share_its_pseudo_batch(tiny_store, tmp_path):
@@ -235,6 +240,7 @@ def test_zskt_loss_refuses_networks_whose_stages_do_not_pair(tiny_store, tmp_pat
 
 # ---------------------------------------------------------------- DFQ
 
+@pytest.mark.numeric
 def test_dfq_bn_statistics_term_falls_over_generator_steps(tiny_store, tmp_path):
     runner = _runner("dfq", tmp_path, tiny_store, **{"method.g_steps": 12, "synth_batch_size": 16})
     method, z = runner.method, torch.randn(16, runner.method.cfg.nz)
@@ -247,7 +253,7 @@ def test_dfq_bn_statistics_term_falls_over_generator_steps(tiny_store, tmp_path)
     before = bn_term()
     method.synthesize()
     after = bn_term()
-    assert after < 0.8 * before, (before, after)
+    assert_effect(0.8 * before, after, "BN-statistics term: 0.8 x before over after")
     assert not any(m._forward_hooks for m in runner.teacher.modules())  # hooked for the generator steps only
 
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_RUN, tiny_runner
+from conftest import TINY_RUN, assert_effect, tiny_runner
 from PIL import Image
 
 from dfkd_bench.cli import cli
@@ -47,10 +47,13 @@ def test_each_baseline_writes_a_run_folder_compare_reads(results_root):
     assert noise["images"] == TINY_RUN["epochs"] * TINY_RUN["synth_batch_size"] * 2
 
 
+@pytest.mark.numeric
 def test_student_real_learns_from_labels(tiny_store, tmp_path):
+    # Without crop and flip the blobs are learnt in 120 steps on every kernel path; with them, 60 steps
+    # ended anywhere between 46% and 59% across three kernel paths of one CPU.
     summary = tiny_runner("student-real", tmp_path / "run", tiny_store,
-                          {"epochs": 3, "ep_steps": 20, "kd_steps": 20, "batch_size": 32}).run()
-    assert summary["final_acc"] > 100 / 4 + 15  # well above chance on 4 separable classes
+                          {"epochs": 6, "ep_steps": 20, "kd_steps": 20, "batch_size": 32, "kd_augment": "false"}).run()
+    assert_effect(summary["final_acc"], 100 / 4 + 15, "accuracy over chance + 15 points")  # 4 separable classes
 
 
 def test_within_budget_reads_the_curve():
