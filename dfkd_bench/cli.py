@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def _run_rank(plugins: tuple[str, ...], params: dict) -> None:
 
 
 BUDGET_FIELDS = {"images": ("max_images", int), "teacher_passes": ("max_teacher_passes", int),
-                 "seconds": ("max_seconds", float), "epochs": ("epochs", int)}
+                 "seconds": ("max_seconds", float), "epochs": ("max_epochs", int)}
 
 
 def parse_budgets(items: tuple[str, ...]) -> dict[str, str]:
@@ -345,6 +346,8 @@ def compare(root, fmt, output, at) -> None:
         out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds, 95% t-CI; best group: "
                           f"Welch's t-test vs the best, p < {ALPHA} = worse)", caption=NOTE, caption_justify="left")
         cols = [c for c in DISPLAY_COLUMNS if c in table.columns]
+        if "teacher sha256" in cols and table["teacher sha256"].nunique() <= 1:  # one checkpoint: it tells nothing
+            cols.remove("teacher sha256")
         for c in cols:
             out.add_column(c, overflow="fold")
         for _, row in table.iterrows():
@@ -379,7 +382,10 @@ def report(root, output) -> None:
         raise DfkdError(f"{root} does not exist")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        written = write_report(root, output)
+        try:
+            written = write_report(root, output)
+        except OSError as exc:  # a plot or a sample grid that cannot be written
+            raise DfkdError(f"cannot write the report to {output}: {exc.strerror or exc}") from None
     _print_warnings(caught)
     n = sum(len(v) for v in written.values())
     console.print(f"wrote {n} files and index.html to {output}")
@@ -494,7 +500,8 @@ def teacher() -> None:
 @click.option("--store", type=click.Path(path_type=Path), default=None,
               help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
 @click.option("--device", default="auto", show_default=True)
-def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, half, store, device) -> None:
+@click.option("--force", is_flag=True, help="Replace a teacher already stored for (dataset, arch).")
+def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, half, store, device, force) -> None:
     """Train a teacher on the real training set and store it with its sidecar.
 
     Every epoch but the last leaves a checkpoint; the same command resumes an interrupted training.
@@ -507,7 +514,7 @@ def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, half, stor
     cfg = default_train_config(dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
                                half=half)
     with _progress() as progress:
-        meta = _train_teacher(progress, spec, arch, cfg, store, device, missing=False)
+        meta = _train_teacher(progress, spec, arch, cfg, store, device, missing=False, force=force)
     console.print(f"stored {meta['arch']} for {dataset}: test accuracy {meta['test_accuracy']:.2f}%, "
                   f"sha256 {meta['sha256'][:16]}..., in {store / dataset}")
 
@@ -541,7 +548,8 @@ class _TeacherProgress:
         self.progress.console.print(f"teacher epoch {epoch + 1}/{self.cfg.epochs}: test accuracy {accuracy:.2f}%")
 
 
-def _train_teacher(progress: Progress, spec, arch: str, cfg, store: Path, device: str, missing: bool) -> dict:
+def _train_teacher(progress: Progress, spec, arch: str, cfg, store: Path, device: str, missing: bool,
+                   force: bool = False) -> dict:
     """Train through ``teachers.train_teacher`` with a progress bar; ``missing``: `run` found no teacher."""
     from .teachers import train_teacher
     from .zoo import resolve_model_name
@@ -550,7 +558,8 @@ def _train_teacher(progress: Progress, spec, arch: str, cfg, store: Path, device
     what = f"training {resolved} on the {spec.name} training set"
     if missing:
         what = f"no {resolved} teacher for {spec.name} in {store}, {what} (--no-train-teacher refuses instead)"
-    return train_teacher(spec, arch, cfg, store, device=device, progress=_TeacherProgress(progress, what, cfg))
+    return train_teacher(spec, arch, cfg, store, device=device, progress=_TeacherProgress(progress, what, cfg),
+                         force=force)
 
 
 def _count(n: int, noun: str) -> str:
@@ -577,14 +586,15 @@ def fmt_duration(seconds: float) -> str:
 @click.option("--dataset", required=True)
 @click.option("--store", type=click.Path(path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
-def teacher_import(checkpoint, fmt, arch, dataset, store, device) -> None:
+@click.option("--force", is_flag=True, help="Replace a teacher already stored for (dataset, arch).")
+def teacher_import(checkpoint, fmt, arch, dataset, store, device, force) -> None:
     """Convert a teacher checkpoint from another code base into the store."""
     from .data import get_dataset
     from .teachers import default_store, import_teacher
 
     spec = get_dataset(dataset)
     store = store or default_store()
-    meta = import_teacher(checkpoint, fmt, spec, arch, store, device)
+    meta = import_teacher(checkpoint, fmt, spec, arch, store, device, force=force)
     acc = f"{meta['test_accuracy']:.2f}%" if meta["test_accuracy"] is not None else "not measured (no test data)"
     console.print(f"imported {checkpoint} as {meta['arch']} for {dataset}: every tensor mapped, test accuracy {acc}")
 
@@ -614,7 +624,12 @@ def _fmt_acc(acc) -> str:
     return "-" if acc is None else f"{acc:.2f}"
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: the message, exit 130, results kept
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="dfkd-bench")
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DfkdError
-from .registry import LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
+from .registry import DATASETS, LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
 from .zoo import DEFAULT_STUDENT, paper_student
 
 AMP_DTYPES = ("float16", "bfloat16")
@@ -57,6 +58,7 @@ class RunConfig:
     max_images: int = 0
     max_teacher_passes: int = 0
     max_seconds: float = 0.0
+    max_epochs: int = 0  # stop after this many epochs of the schedule set by `epochs` (which it does not change)
     device: str = "auto"
     amp: bool = True  # autocast on CUDA; on CPU only with amp_cpu
     amp_dtype: str = "float16"  # autocast dtype; float16 also scales the loss (GradScaler), bfloat16 needs no scaler
@@ -161,6 +163,8 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
     loss_hints = _type_hints(loss_cls.Config)
     staged += [(k, v, "--set") for k, v in overrides.items()]
     for key, raw, source in staged:
+        if source == "--set" and key in FIXED_BY_OPTIONS:
+            raise DfkdError(f"--set {key}={raw}: {key} is not a setting; choose it with {FIXED_BY_OPTIONS[key]}")
         if key.startswith("method."):
             sub = key[len("method."):]
             if sub not in method_hints:
@@ -188,10 +192,22 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
     cfg = RunConfig(**run)
     method_cfg = method_cls.Config(**method_values)
     loss_cfg = loss_cls.Config(**loss_values)
+    for prefix, values in (("method", method_cfg), ("loss", loss_cfg)):
+        for name, value in dataclasses.asdict(values).items():
+            # every numeric setting of a method or loss is a weight, a rate, a size or a count
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                    math.isfinite(value) and value >= 0):
+                raise DfkdError(f"{prefix}.{name} must be a finite, non-negative number, got {value}")
     cfg.method_cfg = dataclasses.asdict(method_cfg)
     cfg.loss_cfg = dataclasses.asdict(loss_cfg)
     validate(cfg)
     return cfg, method_cfg, loss_cfg
+
+
+# run keys that --set cannot change: the command line chooses them
+FIXED_BY_OPTIONS = {"method": "--method", "preset": "--preset", "method_cfg": "method.KEY=VALUE",
+                    "loss_cfg": "loss.KEY=VALUE"}
+MAX_BATCH = 2**20  # images in one batch: far beyond any published setting, and a typo's guard
 
 
 def validate(cfg: RunConfig) -> None:
@@ -199,7 +215,10 @@ def validate(cfg: RunConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise DfkdError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("max_images", "max_teacher_passes", "max_seconds", "pool_in_memory", "warmup_epochs"):
+    for name in ("batch_size", "synth_batch_size", "eval_batch_size"):
+        if getattr(cfg, name) > MAX_BATCH:
+            raise DfkdError(f"{name} must be at most {MAX_BATCH} images, got {getattr(cfg, name)}")
+    for name in ("max_images", "max_teacher_passes", "max_seconds", "max_epochs", "pool_in_memory", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
     for name in ("lr", "lr_min", "temperature", "momentum", "weight_decay", "grad_clip"):
@@ -210,6 +229,11 @@ def validate(cfg: RunConfig) -> None:
             raise DfkdError(f"{name} must be a finite {kind} number, got {value}")
     if cfg.lr_min > cfg.lr:
         raise DfkdError(f"lr_min ({cfg.lr_min}) must not exceed lr ({cfg.lr})")
+    from . import data  # noqa: F401  (it registers the datasets)
+
+    DATASETS.get(cfg.dataset)  # an unknown name: one line listing the known ones
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg.device):
+        raise DfkdError(f"unknown device '{cfg.device}'; use auto, cpu, cuda or cuda:N")
     if not math.isfinite(cfg.max_seconds):
         raise DfkdError(f"max_seconds must be finite, got {cfg.max_seconds}")
     if cfg.optimizer not in STUDENT_OPTIMIZERS:

@@ -31,11 +31,21 @@ from .augment import crop_flip
 from .config import RunConfig
 from .data import DatasetSpec, Normalizer, get_dataset, sealed, to_unit
 from .errors import DfkdError
+from .losses import NoBatchNormError
 from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
 from .pool import SamplePool, quantize
 from .registry import LOSSES, SYNTHESIZERS
-from .rundir import POOL, Counters, RunFolder, budget_reached, timestamp
-from .runtime import device_name, git_commit, rng_state, seed_everything, select_device, set_rng_state, versions
+from .rundir import CHECKPOINT, POOL, Counters, RunFolder, budget_reached, timestamp
+from .runtime import (
+    device_name,
+    git_commit,
+    rng_state,
+    safe_load,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    versions,
+)
 from .teachers import load_teacher
 from .zoo import create_model
 
@@ -125,7 +135,12 @@ class Runner:
                            class_names=spec.class_names, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
                            amp_dtype=self.amp_dtype)
         with sealed():
-            self.method: Synthesizer = method_cls(ctx, method_cfg).to(self.device)
+            try:
+                self.method: Synthesizer = method_cls(ctx, method_cfg).to(self.device)
+            except NoBatchNormError:
+                raise DfkdError(f"method '{cfg.method}' matches the teacher's BatchNorm statistics, but teacher "
+                                f"'{cfg.teacher}' ({type(self.teacher).__name__}) has no BatchNorm layer; choose a "
+                                "teacher with BatchNorm or a method without a BN-statistics term") from None
         self.loss_fn: DistillLoss = LOSSES.get(cfg.loss)(
             LossContext(self.teacher, self.student, spec.image_shape, spec.num_classes, cfg.temperature),
             loss_cfg).to(self.device)
@@ -170,6 +185,15 @@ class Runner:
     # ------------------------------------------------------------ the protocol
 
     def run(self) -> dict[str, Any]:
+        """Run (or continue) the protocol to its end; returns the summary. The folder stays locked to
+        this process until then: a second process on it gets a :class:`DfkdError`."""
+        self.folder.lock()
+        try:
+            return self._run()
+        finally:
+            self.folder.unlock()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         finished = self.folder.finished_summary()
         if finished is not None:
@@ -217,6 +241,9 @@ class Runner:
         if distill and self.trains_student:
             self.scheduler.step()
         acc = self._evaluate(epoch)
+        if stop is None and cfg.max_epochs and epoch + 1 >= cfg.max_epochs < cfg.epochs:
+            # the epochs budget stops the schedule `epochs` sets; it never shortens it (that is --set epochs=N)
+            stop = f"max_epochs={cfg.max_epochs}"
         self._end_epoch(epoch, warmup, acc, terms, last=epoch == cfg.epochs - 1 or stop is not None)
         return stop
 
@@ -335,6 +362,7 @@ class Runner:
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
         return {
             "epoch": epoch,
+            "teacher_sha256": self.teacher_meta.get("sha256"),  # a resume must distil the same teacher
             "student": self.student.state_dict(),
             "loss_fn": self.loss_fn.state_dict(),
             "method": self.method.state_dict(),
@@ -354,7 +382,27 @@ class Runner:
         if state is None:
             self.folder.truncate_metrics(0)  # a fresh start: no records of an earlier attempt
             return False
-        own = self.ranks.own_state(state)  # this rank's method state and RNG streams
+        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+            raise DfkdError(f"cannot resume from {self.run_dir / CHECKPOINT}: not a dfkd-bench checkpoint; "
+                            "delete it to start over")
+        theirs, ours = state.get("teacher_sha256"), self.teacher_meta.get("sha256")
+        if theirs and ours and theirs != ours:
+            raise DfkdError(f"cannot resume {self.run_dir}: its checkpoint was made with teacher sha256 {theirs[:12]}, "
+                            f"but the teacher found now is {ours[:12]} ({self.teacher_meta.get('path')}); restore "
+                            "that teacher, or start the run over in another folder")
+        self.folder.check_metrics(state["epoch"] + 1)
+        try:
+            self._load_checkpoint(state, self.ranks.own_state(state))  # own: this rank's method state and RNGs
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            raise DfkdError(f"cannot resume from {self.run_dir / CHECKPOINT}: it does not fit this run "
+                            f"({type(exc).__name__}: {first}); delete it to start over") from None
+        self.start_epoch = state["epoch"] + 1
+        self.folder.truncate_metrics(self.start_epoch)
+        self.reporter.message(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+        return True
+
+    def _load_checkpoint(self, state: dict[str, Any], own: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.loss_fn.load_state_dict(state["loss_fn"])
         self.method.load_state_dict(own["method"])
@@ -366,21 +414,17 @@ class Runner:
         set_rng_state(own["rng"])
         self.sampler.set_state(state["sampler"])
         self.counters = Counters(**state["counters"])
-        self.start_epoch = state["epoch"] + 1
-        self.folder.truncate_metrics(self.start_epoch)
-        self.reporter.message(f"resumed {self.run_dir} after epoch {self.start_epoch}")
-        return True
 
     def _load_init_bank(self, bank_dir: Path) -> None:
         path = bank_dir / POOL if bank_dir.is_dir() else bank_dir
         if not path.is_file():
             raise DfkdError(f"no pool in {bank_dir}; build one with a synthesis-only run "
                             "(--set synthesis_only=true)")
+        state = safe_load(path, "pool")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             self.pool.load_state_dict(state)
-        except (RuntimeError, KeyError, OSError, EOFError) as exc:
-            raise DfkdError(f"{path} is not a readable pool: {exc}") from None
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise DfkdError(f"{path} is not a pool saved by a synthesis-only run ({type(exc).__name__})") from None
         if tuple(self.pool.tensors()[0].shape[1:]) != self.spec.image_shape:
             raise DfkdError(f"the init bank in {bank_dir} holds images of another shape")
         if (self.method.uses_labels or self.loss_fn.needs_labels) and not self.pool.has_labels:

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import DfkdError
+
 # Set on a BatchNorm2d module (by sync_bn_statistics) to compute its BN-statistics loss on the global batch.
 SYNC_BN_STATS = "dfkd_sync_bn_stats"
 
@@ -88,13 +90,24 @@ class BNStatsHook:
         self.handle.remove()
 
 
+class NoBatchNormError(DfkdError, ValueError):
+    """A BN-statistics loss was asked of a model without BatchNorm2d layers (the runner names the method)."""
+
+
+def require_batchnorm(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm2d layers of ``model`` (timm's BatchNormAct2d subclasses it), in module order.
+    Raises :class:`NoBatchNormError` when it has none: its BN-statistics loss would be undefined."""
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not layers:
+        raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm2d layer; BN-statistics methods need one")
+    return layers
+
+
 class BNStatistics:
-    """Hooks on every BatchNorm2d layer of ``model`` (timm's BatchNormAct2d subclasses it)."""
+    """Hooks on every BatchNorm2d layer of ``model``; raises :class:`NoBatchNormError` when it has none."""
 
     def __init__(self, model: nn.Module, momentum: float = 0.0, active: bool = True):
-        self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not self.hooks:
-            raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer; BN-statistics methods need one")
+        self.hooks = [BNStatsHook(m, momentum) for m in require_batchnorm(model)]
         self.set_active(active)
 
     def set_active(self, active: bool) -> None:

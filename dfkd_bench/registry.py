@@ -130,7 +130,21 @@ def load_plugins(extra: tuple[str, ...] | list[str] = ()) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise DfkdError(f"cannot import plugin '{module}': {exc}") from None
+        except DfkdError:
+            raise
+        except Exception as exc:  # the plugin's own code failed while it was imported
+            where = _failing_line(exc)
+            raise DfkdError(f"plugin '{module}' raised {type(exc).__name__} while it was imported{where}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
         _loaded.add(module)
+
+
+def _failing_line(exc: BaseException) -> str:
+    """`` (file.py:N)``: the innermost frame of ``exc``'s traceback, so a plugin's author can find it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
 
 __all__ = [
     "Registry", "SYNTHESIZERS", "LOSSES", "DATASETS", "PRESETS", "register_preset",

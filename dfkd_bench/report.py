@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .errors import DfkdError  # noqa: E402
 from .registry import SYNTHESIZERS  # noqa: E402
 from .results import DISPLAY_COLUMNS, FINISHED, NOTE, collect, is_baseline, summarize, to_format  # noqa: E402
 from .rundir import METRICS, SAMPLES, read_metrics  # noqa: E402
@@ -36,7 +38,7 @@ def report_table(df: pd.DataFrame) -> pd.DataFrame:
     table = summarize(df)
     if table.empty:
         return table
-    setting = ["dataset", "teacher", "student", "preset"]
+    setting = ["dataset", "teacher", "teacher sha256", "student", "preset"]
     reference = table[table["method"] == REFERENCE].groupby(setting)["synthesis s"].mean()
     speedups = []
     for _, row in table.iterrows():
@@ -52,9 +54,11 @@ def report_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _curves(df: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
-    """Per (dataset, teacher, student): every finished run's per-epoch records, tagged with its label,
-    seed and whether it is a baseline."""
+    """Per (dataset, teacher, teacher sha256, student): every finished run's per-epoch records, tagged
+    with its label, seed and whether it is a baseline."""
     out: dict[tuple, list[pd.DataFrame]] = {}
+    if df.empty:
+        return {}
     multi_preset = df["preset"].nunique() > 1
     for _, run in df[df["status"].isin(FINISHED)].iterrows():
         records = pd.DataFrame(read_metrics(Path(run["run"]) / METRICS))
@@ -64,7 +68,7 @@ def _curves(df: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
         if multi_preset:
             label += f" ({run['preset']})"
         records["label"], records["seed"], records["baseline"] = label, run["seed"], is_baseline(run["method"])
-        out.setdefault((run["dataset"], run["teacher"], run["student"]), []).append(records)
+        out.setdefault((run["dataset"], run["teacher"], run["teacher sha256"], run["student"]), []).append(records)
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
 
 
@@ -116,17 +120,26 @@ def _plot(curves: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> 
 def write_report(root: Path, out_dir: Path) -> dict[str, list[Path]]:
     """Write every report file for the runs below ``root``; returns the files by kind."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     df = collect(root)
+    if df.empty:
+        raise DfkdError(f"no finished runs below {root}: nothing to report, nothing written")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DfkdError(f"cannot write the report to {out_dir}: {exc.strerror or exc}") from None
     table = report_table(df)
     written: dict[str, list[Path]] = {"tables": [], "plots": [], "samples": []}
     for fmt, name in (("markdown", "table.md"), ("csv", "table.csv"), ("latex", "table.tex")):
         text = to_format(table, fmt, extra=EXTRA_COLUMNS)
         atomic_write_bytes(out_dir / name, text.encode())
         written["tables"].append(out_dir / name)
-    for (dataset, teacher, student), curves in _curves(df).items():
+    all_curves = _curves(df)
+    checkpoints = Counter(key[:2] + key[3:] for key in all_curves)  # teacher checkpoints per setting
+    for (dataset, teacher, sha, student), curves in all_curves.items():
         tag = f"{dataset}-{teacher}-{student}"
         title = f"{dataset}: {teacher} -> {student}"
+        if checkpoints[(dataset, teacher, student)] > 1:  # one plot per teacher checkpoint
+            tag, title = f"{tag}-{sha}", f"{title} (teacher {sha})"
         for x, xlabel, stem in (("epoch", "epoch", "acc_vs_epoch"),
                                 ("synth_seconds", "cumulative synthesis time (s)", "acc_vs_synthesis_time")):
             path = out_dir / f"{stem}-{tag}.png"

@@ -3,27 +3,36 @@
 The score is the last epoch's test accuracy: mean ± std over seeds, n, and the 95% t-interval
 of the mean. Per setting, each method is tested against the best one (Welch's t-test, see
 :mod:`dfkd_bench.stats`). The best epoch is chosen on the test set, so it is reported in its own
-labelled column, never as the score. Failed runs are listed apart and never averaged.
+labelled column, never as the score. Failed runs, and summaries whose numbers are not finite
+or not numbers, are listed apart and never averaged. Runs distilled from different teacher
+checkpoints (told apart by the teacher's sha256) are never averaged or ranked together.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .errors import DfkdError
 from .registry import SYNTHESIZERS, load_plugins
 from .rundir import CONFIG, METRICS, SUMMARY, read_metrics
 from .stats import ALPHA, CONFIDENCE, NA, Estimate, Mark, best_group, estimate
 
-# "settings" lists what a run changed relative to its preset (--set values), so variants are never averaged together
-GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset", "settings"]
+# "settings" lists what a run changed relative to its preset (--set values), so variants are never averaged
+# together; "teacher sha256" (its first 12 hex digits) keeps apart runs of two checkpoints of one architecture
+GROUP_KEYS = ["dataset", "teacher", "student", "method", "loss", "preset", "settings", "teacher sha256"]
 # methods are ranked against each other within one setting
-SETTING_KEYS = ["dataset", "teacher", "student", "preset"]
+SETTING_KEYS = ["dataset", "teacher", "teacher sha256", "student", "preset"]
 FINISHED = ("complete", "budget")
+MALFORMED = "malformed"  # a summary whose numbers cannot be scored (not finite, not numbers)
+# summary fields that are averaged: each must be a finite number (or absent/null)
+_NUMERIC_FIELDS = ("final_acc", "best_acc", "teacher_acc", "images", "teacher_passes", "synth_seconds",
+                   "total_seconds", "epochs_done")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -41,19 +50,25 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())
         config = json.loads((run_dir / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (a binary file), or not JSON
         warnings.warn(f"skipping {run_dir}: unreadable run folder ({type(exc).__name__})", stacklevel=2)
         return None
-    if not isinstance(summary, dict) or "status" not in summary:
+    if not isinstance(summary, dict) or "status" not in summary or not isinstance(config, dict):
         warnings.warn(f"skipping {run_dir}: summary.json has no status", stacklevel=2)
         return None
     row = {k: config.get(k) for k in GROUP_KEYS}
     row["settings"] = settings_beyond_preset(config)
+    sha = summary.get("teacher_sha256")
+    row["teacher sha256"] = sha[:12] if isinstance(sha, str) and sha else "?"  # "?": a summary that lacks it
+    status, reason = summary["status"], summary.get("reason")
+    bad = [k for k in _NUMERIC_FIELDS if not _finite_or_none(summary.get(k))]
+    if bad:  # listed with the failed runs, never averaged
+        status, reason = MALFORMED, f"summary.json: {', '.join(bad)} not a finite number"
     row.update({
         "run": str(run_dir),
         "seed": config.get("seed"),
-        "status": summary["status"],
-        "reason": summary.get("reason"),
+        "status": status,
+        "reason": reason,
         "final_acc": summary.get("final_acc"),
         "best_acc": summary.get("best_acc"),
         "teacher_acc": summary.get("teacher_acc"),
@@ -64,6 +79,10 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         "epochs_done": summary.get("epochs_done"),
     })
     return row
+
+
+def _finite_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
 # Run fields that say where or how a run ran, not what it computed, or that are grouped on already.
@@ -102,7 +121,10 @@ def collect(root: Path, at: tuple[str, float] | None = None) -> pd.DataFrame:
         if row is None:
             continue
         if at is not None:
-            row.update(_row_at(within_budget(read_metrics(run_dir / METRICS), *at)))
+            try:
+                row.update(_row_at(within_budget(read_metrics(run_dir / METRICS), *at)))
+            except DfkdError as exc:  # listed with the failed runs, never averaged
+                row.update(status=MALFORMED, reason=str(exc), final_acc=None)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -178,7 +200,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
         repeated = sorted(g["seed"][g["seed"].duplicated()].unique().tolist())
         if repeated:
-            name = "/".join(str(k) for k in key if k)
+            name = "/".join(str(v) for k, v in zip(GROUP_KEYS, key) if v and k != "teacher sha256")
             warnings.warn(f"{name}: several runs share a seed ({repeated}); each is counted in n", stacklevel=2)
         score = estimate(g["final_acc"].tolist())
         row = {
@@ -211,9 +233,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-DISPLAY_COLUMNS = GROUP_KEYS + ["acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best",
-                                "epochs at budget", "best-epoch acc (test-selected)", "teacher acc",
-                                "images", "synthesis s", "total s"]
+DISPLAY_COLUMNS = [k for k in GROUP_KEYS if k != "teacher sha256"] + [
+    "acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best", "epochs at budget",
+    "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s"]
 # machine-readable copies of the statistics, for the csv format only
 NUMERIC_COLUMNS = ["acc_mean", "acc_std", "ci95_low", "ci95_high", "p_vs_best"]
 

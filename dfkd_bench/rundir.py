@@ -7,8 +7,10 @@
 ``samples.png``   the last 64 synthesized images
 ``checkpoint.pt`` while running: everything needed to resume (removed when the run ends)
 ``pool.pt``       synthesis-only runs: the pool, for ``--init-bank``
+``.lock``         the lock of the one process that runs in the folder (released when it exits)
 
-Every file is written to a temporary name and renamed over, so a crash never leaves a torn file.
+Every file is written to a temporary name and renamed over, so a crash never leaves a torn file;
+temporaries left by a killed process are removed when the run starts again.
 """
 
 from __future__ import annotations
@@ -23,10 +25,23 @@ from typing import Any
 import torch
 
 from .errors import DfkdError
-from .runtime import append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json
+from .runtime import (
+    TMP_GLOB,
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json_object,
+    safe_load,
+)
+
+try:  # POSIX; elsewhere a run folder is not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
-STUDENT, SAMPLES, POOL = "student.pt", "samples.png", "pool.pt"
+STUDENT, SAMPLES, POOL, LOCK = "student.pt", "samples.png", "pool.pt", ".lock"
 
 # Fields that may differ between the attempts of one run (where it runs, how fast it evaluates).
 _IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
@@ -64,6 +79,7 @@ class RunFolder:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock: Any = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -77,10 +93,7 @@ class RunFolder:
         wanted = json.loads(json.dumps(config, default=str))  # tuples -> lists, as on disk
         if not cfg_path.is_file():
             return
-        try:
-            existing = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raise DfkdError(f"{cfg_path} is corrupt; choose another --output or delete that folder") from None
+        existing = read_json_object(cfg_path, "a run's config; choose another --output or delete that folder")
         existing = {**json.loads(json.dumps(defaults or {}, default=str)), **existing}
         if _comparable(existing) != _comparable(wanted):
             diff = sorted(k for k in set(existing) | set(wanted)
@@ -95,14 +108,52 @@ class RunFolder:
         except OSError as exc:
             raise DfkdError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
 
+    # ------------------------------------------------------------ one writer
+
+    def lock(self) -> None:
+        """Take the folder for this process: an exclusive ``flock`` on ``.lock``, held until :meth:`unlock`
+        or the process's end (the kernel releases it on any exit, SIGKILL included). Then remove what a
+        killed writer left: temporaries, and the checkpoint of a run whose summary was written.
+        Raises :class:`DfkdError` when another process holds the folder."""
+        if self._lock is not None or fcntl is None:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK, "a")
+        except OSError as exc:
+            raise DfkdError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise DfkdError(f"{self.path} is in use by another dfkd-bench process (one run, one writer); "
+                            "wait for it to end, or choose another --output or --name") from None
+        self._lock = handle
+        for leftover in self.path.glob(TMP_GLOB):
+            leftover.unlink(missing_ok=True)
+        if self.finished_summary() is not None:
+            (self.path / CHECKPOINT).unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
     # ------------------------------------------------------------ progress
 
     def finished_summary(self) -> dict[str, Any] | None:
-        """The summary of a run that already ended (complete or stopped by its budget), else None."""
+        """The summary of a run that already ended (complete or stopped by its budget), else None.
+        Raises :class:`DfkdError` when ``summary.json`` is not a JSON object."""
         path = self.path / SUMMARY
         if not path.is_file():
             return None
-        summary = json.loads(path.read_text())
+        try:
+            summary = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            summary = None
+        if not isinstance(summary, dict):
+            raise DfkdError(f"{path} is corrupt (not a JSON object); delete it to run again, or choose another "
+                            "--output or --name")
         return summary if summary.get("status") in ("complete", "budget") else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -111,12 +162,24 @@ class RunFolder:
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.path / METRICS)
 
+    def check_metrics(self, epochs_done: int) -> None:
+        """Refuse to resume after ``epochs_done`` epochs unless ``metrics.jsonl`` holds epochs 0 .. epochs_done - 1,
+        in order, each once, and then at most later epochs in order (a kill between an epoch's record and
+        its checkpoint leaves one; the resume drops them and runs those epochs again)."""
+        epochs = [r["epoch"] for r in self.metrics()]
+        increasing = all(a < b for a, b in zip(epochs, epochs[1:]))
+        if epochs[:epochs_done] != list(range(epochs_done)) or not increasing:
+            shown = ", ".join(map(str, epochs[:12])) + (", ..." if len(epochs) > 12 else "")
+            raise DfkdError(f"cannot resume {self.path}: its checkpoint is after epoch {epochs_done - 1}, but "
+                            f"{METRICS} holds epochs [{shown}] (0-based), not 0..{epochs_done - 1} each once; the "
+                            "folder was changed since, so delete it (or its checkpoint.pt) to start over")
+
     def truncate_metrics(self, epochs: int) -> None:
         """Drop records of epochs from ``epochs`` on (they will be run again)."""
         path = self.path / METRICS
         if not path.is_file():
             return
-        kept = [r for r in read_metrics(path) if r.get("epoch", 0) < epochs]
+        kept = [r for r in read_metrics(path) if r["epoch"] < epochs]
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # ------------------------------------------------------------ checkpoint
@@ -129,10 +192,8 @@ class RunFolder:
         path = self.path / CHECKPOINT
         if not path.is_file():
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a checkpoint is replaced atomically, so this is a foreign file
-            raise DfkdError(f"cannot resume from {path}: {type(exc).__name__}; delete it to start over") from None
+        # a checkpoint is replaced atomically, so one that does not load is a foreign file
+        return safe_load(path, "checkpoint (delete it to start the run over)")
 
     # ------------------------------------------------------------ the end
 
@@ -154,15 +215,27 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Per-epoch records; a last line cut short by a crash is skipped."""
-    if not Path(path).is_file():
+    """Per-epoch records, each a JSON object with an integer ``epoch``; a last line cut short by a
+    crash is skipped. Raises :class:`DfkdError` naming the file and line for anything else (a file that
+    is not UTF-8 text, a line that is not a record)."""
+    path = Path(path)
+    if not path.is_file():
         return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DfkdError(f"{path} is unreadable ({type(exc).__name__}); it is not a metrics file") from None
     out = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            if number == len(lines):  # the append that a crash cut short
+                continue
+            raise DfkdError(f"{path}, line {number}: not JSON; it is not a metrics file") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise DfkdError(f"{path}, line {number}: not an epoch record (a JSON object with an integer 'epoch')")
+        out.append(record)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
 import random
 import subprocess
@@ -15,12 +16,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DfkdError
+
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when present, else CPU; anything else is passed to torch."""
+    """``auto`` is CUDA when present, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are checked against this
+    machine. Raises :class:`DfkdError` for any other name, or a CUDA device that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DfkdError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DfkdError(f"device '{name}': no CUDA GPU is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise DfkdError(f"device '{name}': this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise DfkdError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -100,11 +116,54 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: Path, write) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers see all or nothing."""
+def safe_load(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure one :class:`DfkdError` naming
+    ``path`` and ``what`` it should be. A file that needs pickled code (a class, a function, a
+    malicious payload) is refused in this project's words: torch's own message advises turning
+    ``weights_only`` off, which would run that code."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not path.is_file():
+        raise DfkdError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # the file names code to run: a class, a function
+            raise DfkdError(f"refusing {path}: it is not a plain tensor file (loading it would run pickled code, "
+                            f"which this tool never does); re-save the {what} as plain tensors") from None
+        # an opcode the safe unpickler does not take: garbage, or a pickle built to run code (never run here)
+        raise DfkdError(f"{path} is not a readable {what}: not a plain torch tensor file") from None
+    except Exception as exc:  # torch's unpickler raises anything (IndexError, KeyError, ...) on garbage
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DfkdError(f"{path} is not a readable {what} (truncated or corrupt?): {first}") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`DfkdError` naming the file when it is unreadable, not UTF-8
+    JSON, or not an object (``what`` says what the file should be, and what to do)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise DfkdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise DfkdError(f"{path} is corrupt: not a JSON object ({what})")
+    return value
+
+
+TMP_GLOB = ".*.tmp"  # the temporaries _atomic writes beside their target
+
+
+def _atomic(path: Path, write) -> None:
+    """Write to a temporary file beside ``path`` and rename it over: readers see all or nothing.
+    A failed write (disk full, read-only or missing folder) raises :class:`DfkdError` naming ``path``
+    and leaves the old file as it was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DfkdError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as fh:
@@ -112,6 +171,15 @@ def _atomic(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise DfkdError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if "PytorchStreamWriter" in str(exc) or "unexpected pos" in str(exc):
+            # torch's zip writer reports a failed write (a full disk) this way
+            raise DfkdError(f"cannot write {path}: the write failed (is the disk full?)") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,9 @@ from .runtime import (
     atomic_torch_save,
     atomic_write_json,
     device_name,
+    read_json_object,
     rng_state,
+    safe_load,
     seed_everything,
     select_device,
     set_rng_state,
@@ -138,18 +139,35 @@ class TrainProgress:
 TIMED_STEPS = 3  # steps timed for the estimate, after one untimed warm-up step
 
 
+def refuse_replacing(ckpt: Path, force: bool) -> None:
+    """Refuse to overwrite a stored teacher unless ``force``: runs name their teacher by its sha256, and a
+    run resuming on a replaced teacher is refused, but a silent swap would still surprise its owner."""
+    if ckpt.is_file() and not force:
+        side = ckpt.with_suffix(".json")
+        try:
+            meta = json.loads(side.read_text()) if side.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+        sha = meta.get("sha256") if isinstance(meta, dict) else None
+        held = f"sha256 {sha[:12]}" if isinstance(sha, str) else "a teacher"
+        raise DfkdError(f"{ckpt} already holds {held}; pass --force to replace it (finished runs keep its sha256 "
+                        "in their summaries; an unfinished run will refuse to resume on the new one)")
+
+
 def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: Path, device: str = "auto",
-                  progress: TrainProgress | None = None) -> dict[str, Any]:
+                  progress: TrainProgress | None = None, force: bool = False) -> dict[str, Any]:
     """Train ``arch`` on the real train split, evaluate on the test split, store it. Returns the sidecar.
 
     After every epoch but the last, the whole training state goes to :func:`partial_path`; calling
-    this again with the same settings resumes from there and ends with the same weights.
+    this again with the same settings resumes from there and ends with the same weights. A teacher
+    already stored for (dataset, arch) is replaced only with ``force`` (else :class:`DfkdError`).
     """
     progress = progress or TrainProgress()
     dev = select_device(device)
     seed_everything(cfg.seed)
     resolved = resolve_model_name(arch, spec.image_size)
     ckpt, side = teacher_paths(store, spec.name, resolved)
+    refuse_replacing(ckpt, force)
     partial = partial_path(store, spec.name, resolved)
     model = create_model(arch, spec.num_classes, spec.channels, spec.image_size).to(dev)
     train_x, train_y = spec.load("train")
@@ -258,8 +276,11 @@ def _read_partial(path: Path, cfg: TeacherTrainConfig, dataset: str, arch: str) 
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load(path, "teacher training checkpoint")
         settings, epoch = json.loads(json.dumps(state["settings"])), int(state["epoch"])
+    except DfkdError as exc:
+        raise DfkdError(f"cannot resume the teacher training in {path}: {str(exc).replace(str(path), 'it')}; "
+                        "delete it to start over") from None
     except Exception as exc:  # a torn or foreign file: say which and how to start over
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DfkdError(f"cannot resume the teacher training in {path} ({first}); delete it to start over") from None
@@ -291,25 +312,48 @@ def list_teachers(store: Path) -> list[dict[str, Any]]:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint safely (``weights_only=True``), with a one-line error for every failure."""
-    if not Path(path).is_file():
-        raise DfkdError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
-        if "Unsupported global" in str(exc):  # a class or function reference: code would run
-            raise DfkdError(f"refusing {path}: it needs pickled code to load (weights_only=True); "
-                            "re-save it as a plain state dict") from None
-        raise DfkdError(f"{path} is not a readable checkpoint: {reason}") from None
-    except Exception as exc:  # torch's unpickler raises anything (IndexError, KeyError, ...) on garbage
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DfkdError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DfkdError(f"{path} does not hold a state dict of tensors")
-    return obj
+    """A model's state dict from a checkpoint in the layouts code bases save, loaded safely
+    (``weights_only=True``), with a one-line :class:`DfkdError` for every failure.
+
+    Accepted: a plain ``{name: tensor}`` dict, or one nested under a key in :data:`NESTED_KEYS`
+    (``{'state_dict': ...}`` as CMI, Fast-Datafree, CSD, NAYER and timm's train.py save it; ``model``,
+    ``model_state_dict`` and ``net`` as other trainers do) beside non-tensor entries (epoch, accuracy,
+    optimizer). A prefix every key carries from a wrapper, ``module.`` (DataParallel, DDP) or
+    ``_orig_mod.`` (``torch.compile``), is removed.
+    """
+    obj = safe_load(Path(path), "checkpoint")
+    if isinstance(obj, dict) and not _all_tensors(obj):
+        nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), dict) and _all_tensors(obj[k])), None)
+        if nested is None:
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+            raise DfkdError(f"{path} holds no state dict of tensors: its top-level keys are {keys}, none of them "
+                            f"a dict of tensors under one of {', '.join(NESTED_KEYS)}")
+        obj = obj[nested]
+    if not isinstance(obj, dict) or not obj:
+        raise DfkdError(f"{path} does not hold a state dict of tensors (it holds a {type(obj).__name__})")
+    return strip_wrapper_prefixes(obj)
+
+
+# where checkpoints keep the weights beside other entries, in the order they are looked up
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _all_tensors(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without a ``module.`` / ``_orig_mod.`` prefix that every key carries (nested ones too,
+    e.g. ``module._orig_mod.``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
@@ -338,12 +382,12 @@ def load_teacher(spec: DatasetSpec, arch: str, store: Path | None = None,
         if not ckpt.is_file():
             raise DfkdError(f"no {resolved} teacher for {spec.name} in {store}; create it with: "
                             f"{train_command(spec.name, arch)}")
-        meta = json.loads(side.read_text()) if side.is_file() else {}
+        meta = read_json_object(side, "a teacher's sidecar; delete it or restore it") if side.is_file() else {}
     else:
         ckpt, meta = Path(checkpoint), {}
         side = ckpt.with_suffix(".json")
         if side.is_file():
-            meta = json.loads(side.read_text())
+            meta = read_json_object(side, "a teacher's sidecar; delete it or restore it")
     digest = sha256_file(ckpt) if ckpt.is_file() else None
     if meta.get("sha256") and digest != meta["sha256"]:
         raise DfkdError(f"{ckpt} does not match the sha256 in its sidecar (truncated or replaced?); "
@@ -414,11 +458,13 @@ IMPORT_FORMATS = {"cmi": convert_cmi_state_dict, "native": lambda state, model: 
 
 
 def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Path,
-                   device: str = "auto") -> dict[str, Any]:
-    """Convert a foreign teacher checkpoint, verify every tensor maps, measure it, store it."""
+                   device: str = "auto", force: bool = False) -> dict[str, Any]:
+    """Convert a foreign teacher checkpoint, verify every tensor maps, measure it, store it. A teacher
+    already stored for (dataset, arch) is replaced only with ``force`` (else :class:`DfkdError`)."""
     if fmt not in IMPORT_FORMATS:
         raise DfkdError(f"unknown import format '{fmt}' (valid: {', '.join(IMPORT_FORMATS)})")
     resolved = resolve_model_name(arch, spec.image_size)
+    refuse_replacing(teacher_paths(store, spec.name, resolved)[0], force)
     model = create_model(arch, spec.num_classes, spec.channels, spec.image_size)
     state = IMPORT_FORMATS[fmt](load_state_dict(Path(path)), model)
     load_weights(model, state, str(path), resolved)

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfkd_bench.losses import BNStatistics, kl_divergence, mean_prediction_neg_entropy
+from dfkd_bench.losses import BNStatistics, kl_divergence, mean_prediction_neg_entropy, require_batchnorm
 from dfkd_bench.method import SynthBatch
 from dfkd_bench.online import OnlineConfig, OnlineSynthesizer, package_generator
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
@@ -61,6 +61,7 @@ class DFQ(OnlineSynthesizer):
 
     def __init__(self, ctx, cfg: DFQConfig):
         super().__init__(ctx, cfg)
+        require_batchnorm(ctx.teacher)  # refused now, not at the first round
         self.bn_stats: BNStatistics | None = None  # hooked on the teacher during the generator steps only
 
     def build_generator(self) -> nn.Module:
