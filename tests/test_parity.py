@@ -17,7 +17,15 @@ from conftest import TINY
 
 from benchmarks.parity import shims
 from benchmarks.parity.__main__ import cli
-from benchmarks.parity.protocols import ONLINE, OUR_PRESET, PROTOCOLS, ours_overrides, protocol, protocol_sha
+from benchmarks.parity.protocols import (
+    LONG_ROUNDS,
+    ONLINE,
+    OUR_PRESET,
+    PROTOCOLS,
+    ours_overrides,
+    protocol,
+    protocol_sha,
+)
 from benchmarks.parity.reference import run_reference
 from benchmarks.parity.sweep import RunSpec, existing_result, ours_rounds, plan
 from benchmarks.parity.table import write_tables
@@ -75,6 +83,15 @@ def test_rounds_override_changes_the_fingerprint():
     assert protocol_sha(protocol("csd", rounds=2)) != protocol_sha(protocol("csd"))
     with pytest.raises(DfkdError, match="no parity protocol"):
         protocol("nope")
+
+
+def test_the_long_horizon_lengthens_only_the_rounds_and_only_where_state_persists():
+    for method, rounds in LONG_ROUNDS.items():
+        long, short = protocol(method, horizon="long"), protocol(method)
+        assert long == {**short, "rounds": rounds} and rounds > short["rounds"]
+        assert protocol_sha(long) != protocol_sha(short)
+    with pytest.raises(DfkdError, match="no long horizon for 'deepinversion'"):
+        protocol("deepinversion", horizon="long")
 
 
 # ---------------------------------------------------------------- results, skipping, tables

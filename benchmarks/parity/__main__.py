@@ -66,6 +66,9 @@ def _seeds(value: str) -> list[int]:
 @click.option("--sides", type=click.Choice(["both", "theirs", "ours"]), default="both", show_default=True)
 @click.option("--rounds", type=int, default=None, help="Override the protocol's rounds (smoke runs; use another "
               "--output, results of two protocols never mix).")
+@click.option("--horizon", type=click.Choice(["short", "long"]), default="short", show_default=True,
+              help="long: the rounds each method's persistent state needs (protocols.LONG_ROUNDS); use "
+                   "another --output, e.g. results/parity/long.")
 @click.option("--ours-set", "ours_sets", multiple=True, metavar="KEY=VALUE",
               help="Extra --set for our side, a variant named by --label (e.g. method.aux_T=1).")
 @click.option("--label", default="", help="Name of the --ours-set variant (its rows read ours-<label>).")
@@ -73,14 +76,15 @@ def _seeds(value: str) -> list[int]:
 @click.option("--teacher-store", type=click.Path(path_type=Path), default=None,
               help="Teacher store for both sides (default: $DFKD_BENCH_TEACHERS or this checkout's teachers/).")
 @click.option("--every", type=int, default=5, show_default=True, help="Table checkpoints every N rounds.")
-def run(method_arg, references, seeds, output, sides, rounds, ours_sets, label, threads, teacher_store, every):
+def run(method_arg, references, seeds, output, sides, rounds, horizon, ours_sets, label, threads, teacher_store,
+        every):
     """Run both sides (or one) for every seed; finished runs are skipped; then write the tables."""
     methods = _methods(method_arg)
     side_list = ["theirs", "ours"] if sides == "both" else [sides]
     if threads < 1:
         raise DfkdError(f"--threads must be positive, got {threads}")
     checkouts = pick_checkouts(list(references)) if "theirs" in side_list else {}
-    protocols = {m: protocol(m, rounds) for m in methods}
+    protocols = {m: protocol(m, rounds, horizon) for m in methods}
     specs = plan(methods, protocols, _seeds(seeds), side_list, checkouts, label, parse_assignments(ours_sets))
     todo = [s for s in specs if existing_result(s, output) is None]
     store = Path(teacher_store).resolve() if teacher_store else default_teacher_store()
@@ -110,10 +114,11 @@ def table(output, every):
 @cli.command()
 @click.option("--method", "method_arg", default="all", show_default=True)
 @click.option("--rounds", type=int, default=None)
-def show(method_arg, rounds):
+@click.option("--horizon", type=click.Choice(["short", "long"]), default="short", show_default=True)
+def show(method_arg, rounds, horizon):
     """Print each protocol, the checkouts it runs from, and our side's dfkd-bench command."""
     for method in _methods(method_arg):
-        proto = protocol(method, rounds)
+        proto = protocol(method, rounds, horizon)
         click.echo(f"## {method} (protocol {protocol_sha(proto)})")
         click.echo("  " + ", ".join(f"{k}={v}" for k, v in proto.items()))
         click.echo("  reference: " + " or ".join(REPOS[r] for r in REFERENCES[method]))

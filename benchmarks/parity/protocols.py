@@ -67,6 +67,16 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
               "g_life": 3, "g_loops": 2, "gwp_loops": 10, "label_embeddings": "onehot"},
 }
 
+# The long horizon: the rounds a method's persistent state needs before it can pay off, or not (each
+# protocol as above, only longer; results go to their own --output, results/parity/long).
+# - fast, fast_meta: the shared generator and the BN-statistics moving average carry over every round;
+#   10 rounds, twice the short protocol, where the first report of a gap saw it open (rounds 5 -> 10).
+# - cmi: the memory bank of earlier rounds' features feeds the contrastive term; at 20 steps a round
+#   it holds 10 rounds of views after 10 rounds, far from its 40960 capacity but 10 times round 1's.
+# - nayer: the generator lives g_life = 3 rounds between re-initializations; 10 rounds see three full
+#   lives (re-initialized before rounds 1, 4, 7 and 10).
+LONG_ROUNDS: dict[str, int] = {"fast": 10, "fast_meta": 10, "cmi": 10, "nayer": 10}
+
 # The checkouts a method can run from: the first is the authors' own repository for that method.
 REFERENCES: dict[str, tuple[str, ...]] = {
     "csd": ("CSD",),
@@ -108,11 +118,16 @@ _OUR_CONSTANTS = {"kd_augment": "true"}
 OUR_PRESET = "quick"
 
 
-def protocol(method: str, rounds: int | None = None) -> dict[str, Any]:
-    """A copy of ``method``'s protocol, optionally with another number of rounds (smoke runs)."""
+def protocol(method: str, rounds: int | None = None, horizon: str = "short") -> dict[str, Any]:
+    """A copy of ``method``'s protocol, at the ``long`` horizon (:data:`LONG_ROUNDS`) or with another
+    number of rounds (smoke runs)."""
     if method not in PROTOCOLS:
         raise DfkdError(f"no parity protocol for '{method}'; choose from {', '.join(PROTOCOLS)}")
     out = dict(PROTOCOLS[method])
+    if horizon == "long":
+        if method not in LONG_ROUNDS:
+            raise DfkdError(f"no long horizon for '{method}'; it has one for {', '.join(LONG_ROUNDS)}")
+        out["rounds"] = LONG_ROUNDS[method]
     if rounds is not None:
         if rounds < 1:
             raise DfkdError(f"--rounds must be positive, got {rounds}")
