@@ -129,10 +129,14 @@ class RunFolder:
             raise DfkdError(f"{self.path} is in use by another dfkd-bench process (one run, one writer); "
                             "wait for it to end, or choose another --output or --name") from None
         self._lock = handle
-        for leftover in self.path.glob(TMP_GLOB):
-            leftover.unlink(missing_ok=True)
-        if self.finished_summary() is not None:
-            (self.path / CHECKPOINT).unlink(missing_ok=True)
+        try:
+            for leftover in self.path.glob(TMP_GLOB):
+                leftover.unlink(missing_ok=True)
+            if self.finished_summary() is not None:
+                (self.path / CHECKPOINT).unlink(missing_ok=True)
+        except BaseException:  # a corrupt summary: the caller gets the error, the folder is free again
+            self.unlock()
+            raise
 
     def unlock(self) -> None:
         if self._lock is not None:

@@ -355,6 +355,7 @@ def test_a_damaged_summary_or_config_in_the_run_folder_is_one_line(tiny_store, t
     before = {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()}
     assert_user_error(_run_cli(tiny_store, tmp_path), str(path))
     assert {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()} == before
+    assert_user_error(_run_cli(tiny_store, tmp_path), str(path))  # the refusal left the folder unlocked
 
 
 @pytest.mark.parametrize("content", [{}, "another architecture"])
