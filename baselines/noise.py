@@ -9,6 +9,7 @@ import torch
 from dfkd_bench.method import SynthBatch, Synthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.settings import MethodSettings, choice
 
 
 @SYNTHESIZERS.register
@@ -18,13 +19,8 @@ class KDNoise(Synthesizer):
     is_baseline = True
 
     @dataclass
-    class Config:
-        noise: str = "gaussian"  # "gaussian" (N(0.5, 0.25) clipped to [0, 1]) or "uniform"
-
-    def __init__(self, ctx, cfg: Config):
-        super().__init__(ctx, cfg)
-        if cfg.noise not in ("gaussian", "uniform"):
-            raise ValueError(f"noise must be 'gaussian' or 'uniform', got {cfg.noise!r}")
+    class Config(MethodSettings):
+        noise: str = choice("gaussian", "uniform")  # N(0.5, 0.25) clipped to [0, 1], or U(0, 1)
 
     def synthesize(self) -> SynthBatch:
         shape = (self.ctx.synth_batch_size, *self.ctx.image_shape)

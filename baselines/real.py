@@ -13,6 +13,7 @@ import torch
 from dfkd_bench.method import SynthBatch, Synthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.settings import MethodSettings
 
 
 class _RealDataBaseline(Synthesizer):
@@ -21,7 +22,7 @@ class _RealDataBaseline(Synthesizer):
     uses_labels = True
 
     @dataclass
-    class Config:
+    class Config(MethodSettings):
         pass
 
     def synthesize(self) -> SynthBatch:
@@ -50,7 +51,7 @@ class TeacherBaseline(Synthesizer):
     student_is_teacher = True
 
     @dataclass
-    class Config:
+    class Config(MethodSettings):
         pass
 
 

@@ -10,27 +10,12 @@ submitted; an interrupted one resumes from its checkpoint inside its task, as in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .api import Plan
 from .errors import DfkdError
 from .rundir import RunFolder
-
-
-@dataclass
-class RunRequest:
-    """One run of the grid: what ``cli._execute`` takes."""
-
-    method: str
-    preset: str
-    fields: dict[str, Any]
-    overrides: dict[str, Any]
-    loss: str | None
-    output: Path
-    teacher_store: Path | None
-    run_dir: Path
-    config: dict[str, Any]  # the resolved run config, to check the folder before submitting
 
 
 def import_ray() -> Any:
@@ -42,47 +27,48 @@ def import_ray() -> Any:
     return ray
 
 
-def run_on_ray(requests: list[RunRequest], plugins: tuple[str, ...], address: str | None, cpus_per_run: int,
-               gpus_per_run: float, echo: Callable[[str], None]) -> int:
-    """Run ``requests`` as Ray tasks, print one line per finished run, and return how many failed."""
+def run_on_ray(plans: list[Plan], teacher_store: Path, plugins: tuple[str, ...], address: str | None,
+               cpus_per_run: int, gpus_per_run: float, echo: Callable[[str], None]) -> int:
+    """Run ``plans`` as Ray tasks, print one line per finished run, and return how many failed.
+    The teachers must exist (:func:`dfkd_bench.api.ensure_teacher`); paths must be absolute."""
     from .config import RunConfig
 
-    todo, total, finished = [], len(requests), 0
-    for request in requests:
-        folder = RunFolder(request.run_dir)
-        folder.check_config(request.config, defaults=RunConfig().to_dict())
+    todo, total, finished = [], len(plans), 0
+    for plan in plans:
+        folder = RunFolder(plan.run_dir)
+        folder.check_config(plan.cfg.to_dict(), defaults=RunConfig().to_dict())
         done = folder.finished_summary()
         if done is None:
-            todo.append(request)
+            todo.append(plan)
         else:
             finished += 1
-            echo(f"[{finished}/{total}] {request.run_dir.name}: already complete ({_acc(done)})")
+            echo(f"[{finished}/{total}] {plan.run_dir.name}: already complete ({_acc(done)})")
     if not todo:
         return 0
     ray = import_ray()
     started = _connect(ray, address)
     try:
         task = ray.remote(_run_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run)
-        pending = {task.remote(r, plugins, cpus_per_run): r for r in todo}
+        pending = {task.remote(plan, teacher_store, plugins, cpus_per_run): plan for plan in todo}
         failed = 0
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            request = pending.pop(ref)
+            plan = pending.pop(ref)
             finished += 1
             try:
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the task crashed (not a failed run: that has a summary)
                 failed += 1
-                echo(f"[{finished}/{total}] {request.run_dir.name}: crashed ({_last_line(exc)})")
+                echo(f"[{finished}/{total}] {plan.run_dir.name}: crashed ({_last_line(exc)})")
                 continue
             if "error" in outcome:  # a user error, as the local sweep: stop the grid
                 for other in pending:
                     ray.cancel(other)
-                raise DfkdError(f"{request.run_dir.name}: {outcome['error']}")
+                raise DfkdError(f"{plan.run_dir.name}: {outcome['error']}")
             summary = outcome["summary"]
             failed += summary["status"] == "failed"
             detail = summary["reason"] if summary["status"] == "failed" else f"{summary['total_seconds']:.0f} s"
-            echo(f"[{finished}/{total}] {request.run_dir.name}: {_acc(summary)} ({summary['status']}, {detail})")
+            echo(f"[{finished}/{total}] {plan.run_dir.name}: {_acc(summary)} ({summary['status']}, {detail})")
         return failed
     finally:
         if started:
@@ -103,19 +89,17 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _run_task(request: RunRequest, plugins: tuple[str, ...], threads: int) -> dict[str, Any]:
-    """One run in a Ray worker: the same code as a local run, silent; a user error comes back as text."""
+def _run_task(plan: Plan, teacher_store: Path, plugins: tuple[str, ...], threads: int) -> dict[str, Any]:
+    """One run in a Ray worker: the same call as a local run, silent; a user error comes back as text."""
     import torch
 
-    from . import cli
+    from .api import execute
     from .registry import load_plugins
 
     torch.set_num_threads(max(1, int(threads)))
-    cli.console.quiet = cli.err_console.quiet = True
     try:
         load_plugins(plugins)
-        summary, _ = cli._execute(request.method, request.preset, request.fields, request.overrides, request.loss,
-                                  request.output, None, None, request.teacher_store, False)
+        summary = execute(plan, teacher_store)
     except DfkdError as exc:
         return {"error": str(exc)}
     return {"summary": summary}

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .config import RunConfig
 from .errors import DataAccessError, DfkdError
 
 # Tables are wide; outside a terminal (logs, CI) rich would wrap them at 80 columns.
@@ -90,13 +91,32 @@ class _RichReporter:
 
 # ---------------------------------------------------------------- run
 
-STUDENT_HELP = ("Zoo or timm model name. Default: the teacher's paired student (resnet34, vgg11 -> resnet18; "
-                "wrn40_2, wrn16_2 -> wrn16_1), else wrn16_1.")
+def _student_help() -> str:
+    """--student's help, from the zoo's table of paper pairs."""
+    from .zoo import DEFAULT_STUDENT, PAPER_STUDENTS
+
+    pairs: dict[str, list[str]] = {}
+    for teacher, student in PAPER_STUDENTS.items():
+        pairs.setdefault(student, []).append(teacher)
+    listed = "; ".join(f"{', '.join(teachers)} -> {student}" for student, teachers in pairs.items())
+    return f"Zoo or timm model name. Default: the teacher's paired student ({listed}), else {DEFAULT_STUDENT}."
+
+
+def _recipe_help(field: str) -> str:
+    """A `teacher train` option's help: each dataset recipe's value of ``field``."""
+    from .teachers import TRAIN_DEFAULTS, default_train_config
+
+    values = ", ".join(f"{name} {getattr(default_train_config(name), field)}" for name in TRAIN_DEFAULTS)
+    return f"Default: the dataset's recipe ({values})."
+
+
+STUDENT_HELP = _student_help()
+DEFAULTS = RunConfig()  # the run options' defaults are the run config's
 
 @cli.command()
 @click.option("--method", required=True, help="A registered method (see `dfkd-bench methods`).")
-@click.option("--dataset", default="fashion-mnist", show_default=True)
-@click.option("--teacher", default="wrn16_2", show_default=True, help="Zoo or timm model name.")
+@click.option("--dataset", default=DEFAULTS.dataset, show_default=True)
+@click.option("--teacher", default=DEFAULTS.teacher, show_default=True, help="Zoo or timm model name.")
 @click.option("--student", default=None, help=STUDENT_HELP)
 @click.option("--preset", default="quick", show_default=True, help="A preset of the method: paper, quick, cpu, ...")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -128,33 +148,40 @@ STUDENT_HELP = ("Zoo or timm model name. Default: the teacher's paired student (
 def run(method, dataset, teacher, student, preset, seed, loss, epochs, assignments, budgets, output, name,
         resume_dir, init_bank, teacher_store, device, ddp, train_teacher, dry_run) -> None:
     """Run one method under the shared protocol and write a run folder."""
-    from .config import parse_assignments, resolve_config
+    from .api import ensure_teacher, execute, plan_run
+    from .config import parse_assignments, parse_budgets
 
-    overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     if resume_dir is not None and not (Path(resume_dir) / "config.json").is_file():
         raise DfkdError(f"nothing to resume: {Path(resume_dir) / 'config.json'} does not exist")
-    fields = dict(dataset=dataset, teacher=teacher, student=student, seed=seed, epochs=epochs, device=device,
-                  init_bank=str(init_bank) if init_bank else None)
+    plan = plan_run(method, preset, {**parse_assignments(assignments), **parse_budgets(budgets)}, loss=loss,
+                    output=output, name=name, resume_dir=resume_dir, dataset=dataset, teacher=teacher,
+                    student=student, seed=seed, epochs=epochs, device=device,
+                    init_bank=str(init_bank) if init_bank else None)
     if dry_run:
-        cfg, _, _ = resolve_config(method, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
-        run_dir = Path(resume_dir) if resume_dir is not None else Path(output) / (name or default_run_name(cfg))
-        click.echo(json.dumps({"run_dir": str(run_dir), **cfg.to_dict()}, indent=2, default=str))
+        _print_notes(plan.notes)
+        click.echo(json.dumps({"run_dir": str(plan.run_dir), **plan.cfg.to_dict()}, indent=2, default=str))
         return
     if ddp:
         if train_teacher:  # once, here: the ranks only load it
-            cfg, _, _ = resolve_config(method, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
             with _progress() as progress:
-                _ensure_teacher(progress, cfg, teacher_store, True)
+                ensure_teacher(plan.cfg, teacher_store, True, _teacher_progress(progress))
         return _spawn_ranks(ddp)
     _join_process_group(device)
-    summary, run_dir = _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store,
-                                train_teacher)
+    _print_notes(plan.notes)
+    with _progress() as progress:
+        ensure_teacher(plan.cfg, teacher_store, train_teacher, _teacher_progress(progress))
+        summary = execute(plan, teacher_store, _RichReporter(progress))
     if summary["status"] == "failed":
-        err_console.print(f"[bold red]run failed:[/] {summary['reason']} (see {run_dir / 'summary.json'})")
+        err_console.print(f"[bold red]run failed:[/] {summary['reason']} (see {plan.run_dir / 'summary.json'})")
         sys.exit(1)
     stop = f" (stopped by budget {summary['reason']})" if summary["status"] == "budget" else ""
     console.print(f"final (last-epoch) student accuracy {summary['final_acc']:.2f}%, teacher "
                   f"{summary['teacher_acc']:.2f}%, {summary['images']} images, {summary['total_seconds']:.0f}s{stop}")
+
+
+def _print_notes(notes: tuple[str, ...]) -> None:
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _join_process_group(device: str | None) -> None:
@@ -183,92 +210,6 @@ def _run_rank(plugins: tuple[str, ...], params: dict) -> None:
     with _user_errors(), click.Context(cli) as ctx:
         load_plugins(plugins)
         ctx.invoke(run, **params)
-
-
-BUDGET_FIELDS = {"images": ("max_images", int), "teacher_passes": ("max_teacher_passes", int),
-                 "seconds": ("max_seconds", float), "epochs": ("max_epochs", int)}
-
-
-def parse_budgets(items: tuple[str, ...]) -> dict[str, str]:
-    """``--budget images=5000`` -> ``{"max_images": "5000"}``; a budget must be a positive number."""
-    out = {}
-    for item in items:
-        kind, _, value = item.partition("=")
-        if kind not in BUDGET_FIELDS:
-            raise DfkdError(f"--budget takes {', '.join(f'{k}=N' for k in BUDGET_FIELDS)}, got '{item}'")
-        field, cast = BUDGET_FIELDS[kind]
-        try:
-            number = cast(value)
-        except ValueError:
-            raise DfkdError(f"--budget {item}: '{value}' is not a {cast.__name__}") from None
-        if not number > 0 or number == float("inf"):
-            raise DfkdError(f"--budget {item}: a budget must be a positive, finite number")
-        out[field] = value
-    return out
-
-
-def _execute(method, preset, fields, overrides, loss, output, name, resume_dir, teacher_store, train_teacher):
-    """Resolve the config, make sure the teacher exists (training it unless ``train_teacher`` is False),
-    build the runner and run it with a progress bar. Returns (summary, run folder)."""
-    from .config import resolve_config
-    from .engine import Runner
-
-    overrides = dict(overrides)
-    if loss is not None:
-        overrides["loss"] = loss
-    cfg, method_cfg, loss_cfg = resolve_config(method, preset, overrides, **fields)
-    run_dir = Path(resume_dir) if resume_dir is not None else Path(output) / (name or default_run_name(cfg))
-    with _progress() as progress:
-        _ensure_teacher(progress, cfg, teacher_store, train_teacher)
-        reporter = _RichReporter(progress)
-        runner = Runner(cfg, method_cfg, loss_cfg, run_dir, teacher_store, reporter)
-        given = fields.get("student") is not None or "student" in overrides
-        reporter.message(f"{cfg.method}: teacher {cfg.teacher} -> {runner.teacher_meta['arch']} "
-                         f"({_fmt_acc(runner.teacher_meta.get('test_accuracy'))}% on {cfg.dataset}), "
-                         f"student {cfg.student} -> {runner.student.dfkd_name} ({student_reason(cfg, given)}), "
-                         f"device {runner.device}, run folder {run_dir}")
-        summary = runner.run()
-    return summary, run_dir
-
-
-def student_reason(cfg, given: bool) -> str:
-    """Why the run uses this student: the user's choice, the teacher's paper pair, or the fallback."""
-    from .zoo import paper_student
-
-    if given:
-        return "as given"
-    if paper_student(cfg.teacher) == cfg.student:
-        return f"the paired student for a {cfg.teacher} teacher; --student picks another"
-    return f"no pair lists a {cfg.teacher} teacher, so the default; --student picks another"
-
-
-def _ensure_teacher(progress: Progress, cfg, store: Path | None, train: bool) -> None:
-    """Train the teacher of ``cfg`` with its dataset's recipe when the store has none (as `teacher train`)."""
-    from .data import get_dataset
-    from .distributed import launched_world_size
-    from .teachers import default_store, default_train_config, find_teacher, load_teacher
-
-    if cfg.teacher_checkpoint:
-        return
-    spec = get_dataset(cfg.dataset)
-    store = Path(store) if store else default_store()
-    if find_teacher(spec, cfg.teacher, store) is not None:
-        return
-    if not train or launched_world_size() > 1:  # ranks would each train it: train it first
-        load_teacher(spec, cfg.teacher, store)  # raises the one-line error naming the command
-    recipe = default_train_config(cfg.dataset)
-    _train_teacher(progress, spec, cfg.teacher, recipe, store, cfg.device, missing=True)
-
-
-def default_run_name(cfg) -> str:
-    loss = "" if cfg.loss == _default_loss(cfg.method) else f"-{cfg.loss}"
-    return f"{cfg.dataset}-{cfg.teacher}-{cfg.student}-{cfg.method}{loss}-{cfg.preset}-s{cfg.seed}"
-
-
-def _default_loss(method: str) -> str:
-    from .registry import SYNTHESIZERS
-
-    return SYNTHESIZERS.get(method).default_loss
 
 
 # ---------------------------------------------------------------- methods
@@ -402,8 +343,8 @@ def _csv_list(value: str, cast=str) -> list:
 @cli.command()
 @click.option("--methods", "method_list", required=True, help="Comma-separated methods/baselines.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
-@click.option("--dataset", default="fashion-mnist", show_default=True)
-@click.option("--teacher", default="wrn16_2", show_default=True)
+@click.option("--dataset", default=DEFAULTS.dataset, show_default=True)
+@click.option("--teacher", default=DEFAULTS.teacher, show_default=True)
 @click.option("--student", default=None, help=STUDENT_HELP)
 @click.option("--preset", default="quick", show_default=True)
 @click.option("--loss", default=None, help="Distillation loss for every method (default: each method's own).")
@@ -423,59 +364,46 @@ def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignmen
           teacher_store, device, backend, address, cpus_per_run, gpus_per_run, train_teacher) -> None:
     """Run a grid of methods x seeds (one after another, or on Ray), then print the compare table;
     finished runs are skipped, interrupted ones resume."""
-    from .config import parse_assignments, resolve_config
+    from .api import ensure_teacher, execute, plan_run
+    from .config import parse_assignments, parse_budgets
 
-    names = _csv_list(method_list)
-    seed_list = _csv_list(seeds, int)
     overrides = {**parse_assignments(assignments), **parse_budgets(budgets)}
     if backend == "local" and (address, cpus_per_run, gpus_per_run) != (None, None, None):
         raise DfkdError("--address, --cpus-per-run and --gpus-per-run need --backend ray")
-    for name in names:  # every config must resolve before anything runs
-        resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, dataset=dataset,
-                       teacher=teacher, student=student, device=device)
-    grid = [(name, dict(dataset=dataset, teacher=teacher, student=student, seed=seed, device=device))
-            for name in names for seed in seed_list]
+    if backend == "ray":  # absolute paths: a worker's working directory is not this one
+        from .backends import import_ray
+        from .teachers import default_store
+
+        import_ray()  # a missing extra is reported before anything else
+        output, teacher_store = Path(output).resolve(), Path(teacher_store or default_store()).resolve()
+    # every run is planned (and so checked) before anything runs
+    plans = [plan_run(name, preset, overrides, loss=loss, output=output, dataset=dataset, teacher=teacher,
+                      student=student, seed=seed, device=device)
+             for name in _csv_list(method_list) for seed in _csv_list(seeds, int)]
+    _print_notes(tuple(dict.fromkeys(note for plan in plans for note in plan.notes)))
+    with _progress() as progress:  # each teacher once, before any run starts (parallel tasks would each train it)
+        for plan in {(p.cfg.dataset, p.cfg.teacher, p.cfg.teacher_checkpoint): p for p in plans}.values():
+            ensure_teacher(plan.cfg, teacher_store, train_teacher, _teacher_progress(progress))
     if backend == "ray":
-        failed = _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run or 1,
-                               gpus_per_run or 0.0, train_teacher)
+        from .backends import run_on_ray
+
+        plugins = click.get_current_context().find_root().params["plugins"]
+        failed = run_on_ray(plans, teacher_store, plugins, address, cpus_per_run or 1, gpus_per_run or 0.0,
+                            console.print)
     else:
         failed = 0
-        for name, fields in grid:
-            summary, run_dir = _execute(name, preset, fields, overrides, loss, output, None, None, teacher_store,
-                                        train_teacher)
+        for plan in plans:
+            with _progress() as progress:
+                summary = execute(plan, teacher_store, _RichReporter(progress))
             if summary["status"] == "failed":
                 failed += 1
-                err_console.print(f"[bold red]failed:[/] {run_dir}: {summary['reason']}")
+                err_console.print(f"[bold red]failed:[/] {plan.run_dir}: {summary['reason']}")
             else:
-                console.print(f"{run_dir.name}: {summary['final_acc']:.2f}%")
-    if failed < len(grid):
+                console.print(f"{plan.run_dir.name}: {summary['final_acc']:.2f}%")
+    if failed < len(plans):
         click.get_current_context().invoke(compare, root=output)
     if failed:
         sys.exit(1)
-
-
-def _sweep_on_ray(grid, preset, overrides, loss, output, teacher_store, address, cpus_per_run, gpus_per_run,
-                  train_teacher) -> int:
-    """The sweep's runs as Ray tasks (dfkd_bench.backends). Returns how many failed. A missing teacher is
-    trained here, once, before any task starts (parallel tasks would each train it)."""
-    from .backends import RunRequest, import_ray, run_on_ray
-    from .config import resolve_config
-    from .teachers import default_store
-
-    import_ray()  # a missing extra is reported before anything else
-    # absolute paths: a worker's working directory is not this one
-    output, teacher_store = Path(output).resolve(), Path(teacher_store or default_store()).resolve()
-    requests, teachers = [], {}
-    for name, fields in grid:
-        cfg, _, _ = resolve_config(name, preset, {**overrides, **({"loss": loss} if loss else {})}, **fields)
-        teachers.setdefault((cfg.dataset, cfg.teacher, cfg.teacher_checkpoint), cfg)
-        requests.append(RunRequest(name, preset, fields, overrides, loss, output, teacher_store,
-                                   output / default_run_name(cfg), cfg.to_dict()))
-    with _progress() as progress:
-        for cfg in teachers.values():
-            _ensure_teacher(progress, cfg, teacher_store, train_teacher)
-    plugins = click.get_current_context().find_root().params["plugins"]
-    return run_on_ray(requests, plugins, address, cpus_per_run, gpus_per_run, console.print)
 
 
 # ---------------------------------------------------------------- teacher
@@ -486,14 +414,15 @@ def teacher() -> None:
 
 
 @teacher.command("train")
-@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--dataset", default=DEFAULTS.dataset, show_default=True)
 @click.option("--arch", required=True, help="Zoo or timm model name, e.g. wrn16_2, resnet34.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="Default: the dataset's recipe (fashion-mnist 4, cifar10/cifar100 200).")
+              help=_recipe_help("epochs"))
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
-              help="Default: the dataset's recipe (fashion-mnist 128, cifar10/cifar100 256).")
+              help=_recipe_help("batch_size"))
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Peak (one-cycle) or initial (multistep) learning rate; default 0.1.")
+              help=f"Peak (one-cycle) or initial (multistep) learning rate; {_recipe_help('lr')[0].lower()}"
+                   f"{_recipe_help('lr')[1:]}")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=click.IntRange(min=0), help="Use only the first N training images.")
 @click.option("--half", is_flag=True, default=None, help="Store float16 weights (half the file; loads as float32).")
@@ -506,15 +435,17 @@ def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, half, stor
 
     Every epoch but the last leaves a checkpoint; the same command resumes an interrupted training.
     """
+    from .api import teacher_headline
     from .data import get_dataset
-    from .teachers import default_store, default_train_config
+    from .teachers import default_store, default_train_config, train_teacher
 
     spec = get_dataset(dataset)
     store = store or default_store()
     cfg = default_train_config(dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
                                half=half)
     with _progress() as progress:
-        meta = _train_teacher(progress, spec, arch, cfg, store, device, missing=False, force=force)
+        meta = train_teacher(spec, arch, cfg, store, device=device, force=force,
+                             progress=_TeacherProgress(progress, teacher_headline(spec, arch), cfg))
     console.print(f"stored {meta['arch']} for {dataset}: test accuracy {meta['test_accuracy']:.2f}%, "
                   f"sha256 {meta['sha256'][:16]}..., in {store / dataset}")
 
@@ -548,18 +479,9 @@ class _TeacherProgress:
         self.progress.console.print(f"teacher epoch {epoch + 1}/{self.cfg.epochs}: test accuracy {accuracy:.2f}%")
 
 
-def _train_teacher(progress: Progress, spec, arch: str, cfg, store: Path, device: str, missing: bool,
-                   force: bool = False) -> dict:
-    """Train through ``teachers.train_teacher`` with a progress bar; ``missing``: `run` found no teacher."""
-    from .teachers import train_teacher
-    from .zoo import resolve_model_name
-
-    resolved = resolve_model_name(arch, spec.image_size)
-    what = f"training {resolved} on the {spec.name} training set"
-    if missing:
-        what = f"no {resolved} teacher for {spec.name} in {store}, {what} (--no-train-teacher refuses instead)"
-    return train_teacher(spec, arch, cfg, store, device=device, progress=_TeacherProgress(progress, what, cfg),
-                         force=force)
+def _teacher_progress(progress: Progress):
+    """The factory :func:`dfkd_bench.api.ensure_teacher` takes: a progress bar for a teacher training."""
+    return lambda headline, recipe: _TeacherProgress(progress, headline, recipe)
 
 
 def _count(n: int, noun: str) -> str:

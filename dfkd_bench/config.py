@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import DfkdError
 from .registry import DATASETS, LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
+from .settings import Settings, check_fields
 from .zoo import DEFAULT_STUDENT, paper_student
 
 AMP_DTYPES = ("float16", "bfloat16")
@@ -143,8 +144,15 @@ def _apply(target: dict[str, Any], hints: dict[str, Any], key: str, raw: Any, la
 
 
 def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any] | None = None,
-                   **fields: Any) -> tuple[RunConfig, Any, Any]:
-    """Build the run config, the method's config and the loss's config. Raises one-line errors."""
+                   notes: list[str] | None = None, **fields: Any) -> tuple[RunConfig, Any, Any]:
+    """Build the run config, the method's config and the loss's config.
+
+    ``notes``, when given, receives one line for each setting of the preset that does not apply
+    (a ``loss.*`` key of the preset's loss when another ``--loss`` is chosen).
+
+    Raises:
+        DfkdError: an unknown method, preset or key, or a value its Config refuses (one line).
+    """
     method_cls = SYNTHESIZERS.get(method)
     preset_values = get_preset(method, preset)
     run_hints = {k: v for k, v in _type_hints(RunConfig).items() if k not in ("method_cfg", "loss_cfg")}
@@ -173,7 +181,11 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
         elif key.startswith("loss."):
             sub = key[len("loss."):]
             if sub not in loss_hints and source == "preset":
-                continue  # a preset pins its default loss's settings; another --loss has its own
+                # a preset pins its default loss's settings; another --loss has its own
+                if notes is not None:
+                    notes.append(f"preset '{preset}' sets {key}={raw}, which loss '{loss_name}' does not have: "
+                                 "not applied")
+                continue
             if sub not in loss_hints:
                 raise DfkdError(unknown_name_message(f"setting of loss {loss_name}", sub, loss_hints))
             _apply(loss_values, loss_hints, sub, raw, key)
@@ -190,14 +202,11 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
     if not run.get("student"):
         run["student"] = paper_student(run.get("teacher", RunConfig.teacher)) or DEFAULT_STUDENT
     cfg = RunConfig(**run)
-    method_cfg = method_cls.Config(**method_values)
+    method_cfg = method_cls.Config(**method_values)  # a Settings subclass checks itself here
     loss_cfg = loss_cls.Config(**loss_values)
-    for prefix, values in (("method", method_cfg), ("loss", loss_cfg)):
-        for name, value in dataclasses.asdict(values).items():
-            # every numeric setting of a method or loss is a weight, a rate, a size or a count
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-                    math.isfinite(value) and value >= 0):
-                raise DfkdError(f"{prefix}.{name} must be a finite, non-negative number, got {value}")
+    for scope, values in (("method", method_cfg), ("loss", loss_cfg)):
+        if not isinstance(values, Settings):  # a plugin's plain dataclass: the same field checks
+            check_fields(values, scope)
     cfg.method_cfg = dataclasses.asdict(method_cfg)
     cfg.loss_cfg = dataclasses.asdict(loss_cfg)
     validate(cfg)
@@ -261,3 +270,30 @@ def _check_milestones(cfg: RunConfig) -> None:
     if ms != sorted(set(ms)) or ms[0] <= cfg.warmup_epochs or ms[-1] >= cfg.epochs:
         raise DfkdError(f"lr_milestones must increase and lie after the warm-up and before epochs "
                         f"({cfg.warmup_epochs} < m < {cfg.epochs}), got {','.join(map(str, ms))}")
+
+
+# `--budget KIND=N`: the run field each kind sets, and the type of N
+BUDGET_FIELDS = {"images": ("max_images", int), "teacher_passes": ("max_teacher_passes", int),
+                 "seconds": ("max_seconds", float), "epochs": ("max_epochs", int)}
+
+
+def parse_budgets(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``--budget images=5000`` -> ``{"max_images": "5000"}``.
+
+    Raises:
+        DfkdError: an unknown kind, or a value that is not a positive, finite number of its type.
+    """
+    out = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        if kind not in BUDGET_FIELDS:
+            raise DfkdError(f"--budget takes {', '.join(f'{k}=N' for k in BUDGET_FIELDS)}, got '{item}'")
+        name, cast = BUDGET_FIELDS[kind]
+        try:
+            number = cast(value)
+        except ValueError:
+            raise DfkdError(f"--budget {item}: '{value}' is not a {cast.__name__}") from None
+        if not number > 0 or number == float("inf"):
+            raise DfkdError(f"--budget {item}: a budget must be a positive, finite number")
+        out[name] = value
+    return out

@@ -16,3 +16,7 @@ class UnknownNameError(DfkdError, KeyError):
 
 class DataAccessError(RuntimeError):
     """A synthesizer tried to read real data. This is a bug in the method, not user input."""
+
+
+class NonFiniteError(RuntimeError):
+    """A run diverged (a non-finite image, loss or weight); the runner ends it with status "failed"."""

@@ -20,21 +20,23 @@ import torch.nn.functional as F
 
 from .augment import crop_flip
 from .generator import Generator
+from .inversion import invert
 from .losses import BNStatistics, adversarial_loss
 from .method import SynthBatch, SynthContext, Synthesizer
+from .settings import MethodSettings, at_least
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(MethodSettings):
     """Settings every generator-based method has; a method's Config subclasses this."""
 
-    g_steps: int = 500
+    g_steps: int = at_least(1, default=500)
     lr_g: float = 1e-3
     lr_z: float = 1e-3
     beta1: float = 0.5
     beta2: float = 0.999
-    nz: int = 256
-    ngf: int = 64
+    nz: int = at_least(1, default=256)
+    ngf: int = at_least(1, default=64)
     bn: float = 1.0
     oh: float = 1.0
     adv: float = 0.5
@@ -64,24 +66,18 @@ class GeneratorSynthesizer(Synthesizer):
             self.generator.reset_parameters()
         return self.generator
 
-    def extra_param_groups(self) -> list[dict[str, Any]]:
-        """Further parameters optimized jointly with G this round (e.g. a projection head)."""
-        return []
-
     def extra_terms(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     t_logits: torch.Tensor, s_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Weighted loss terms added to BN + CE + adv. ``images`` in [0, 1], ``x`` augmented and normalized;
         ``s_logits`` is None when the adversarial term is off (the student forward is skipped)."""
         return {}
 
-    def after_backward(self, generator: nn.Module) -> None:
+    def after_backward(self) -> None:
         """Called after each inner backward pass, before the optimizer step."""
 
     def on_best_step(self) -> None:
         """Called when a step's images become the round's best batch (before that step's update)."""
 
-    def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
-        """Called once the round's best batch is chosen."""
 
     def get_extra_state(self) -> dict[str, Any]:
         # the BN-statistics moving average belongs to no module, so checkpoints need it spelled out;
@@ -104,11 +100,11 @@ class GeneratorSynthesizer(Synthesizer):
         generator.train()
         z = torch.randn(n, cfg.nz, device=ctx.device, requires_grad=True)
         y = torch.randint(ctx.num_classes, (n,), device=ctx.device)
-        groups = [{"params": list(generator.parameters()), "lr": cfg.lr_g}, {"params": [z], "lr": cfg.lr_z}]
-        opt = torch.optim.Adam(groups + self.extra_param_groups(), betas=(cfg.beta1, cfg.beta2))
-        best, best_loss, curve, last = None, float("inf"), [], {}
+        opt = torch.optim.Adam([{"params": list(generator.parameters()), "lr": cfg.lr_g},
+                                {"params": [z], "lr": cfg.lr_z}], betas=(cfg.beta1, cfg.beta2))
         adversarial = self.adversarial and cfg.adv > 0
-        for _ in range(cfg.g_steps):
+
+        def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             images = generator(z)
             x = ctx.normalizer(self.augment(images))
             with ctx.autocast():
@@ -119,19 +115,12 @@ class GeneratorSynthesizer(Synthesizer):
             if adversarial:
                 terms["adv"] = cfg.adv * adversarial_loss(s, t)
             terms.update(self.extra_terms(images, x, y, t, s))
-            loss = sum(terms.values())
-            value = loss.item()
-            curve.append(value)
-            if value < best_loss:  # these images produced this loss: the update below changes G, not them
-                best_loss, best = value, images.detach().clone()
-                self.on_best_step()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.after_backward(generator)
-            opt.step()
-            last = {k: v.item() for k, v in terms.items()}
+            return images, terms
+
+        run = invert(opt, cfg.g_steps, forward, on_best=self.on_best_step, after_backward=self.after_backward)
         self.bn_stats.update_ema()
-        batch = SynthBatch(best, y, {**last, "total": curve[-1]}, curve, teacher_passes=n * cfg.g_steps)
-        self.after_round(generator, batch)
+        batch = SynthBatch(run.kept, y, {**run.last_terms, "total": run.curve[-1]}, run.curve,
+                           teacher_passes=n * cfg.g_steps)
+        self.after_round(batch)
         self.bn_stats.clear()
         return batch

@@ -9,8 +9,8 @@ number of classes: never a dataset. Adding a method is one file in ``methods/``:
         summary = "one line for `dfkd-bench methods`"
 
         @dataclass
-        class Config:
-            g_steps: int = 100
+        class Config(MethodSettings):  # checks itself when built (dfkd_bench.settings)
+            g_steps: int = at_least(1, default=100)
 
         def synthesize(self) -> SynthBatch: ...
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .data import Normalizer
 from .losses import kl_divergence
 from .registry import LOSSES
+from .settings import LossSettings
 
 
 @dataclass
@@ -103,6 +104,10 @@ class Synthesizer(nn.Module):
     def on_epoch_start(self, epoch: int, warmup: bool) -> None:
         """Called before each epoch's first round; ``warmup`` epochs only synthesize."""
 
+    def after_round(self, batch: SynthBatch) -> None:
+        """Called by the method's own ``synthesize`` once a round's batch is made, before it is returned
+        (it may amend the batch: count extra teacher passes, say). Default: nothing."""
+
     def after_student_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         """Called after every student step on the (augmented, normalized) batch; returns logged terms."""
         return {}
@@ -157,7 +162,7 @@ class CELoss(DistillLoss):
     needs_labels = True
 
     @dataclass
-    class Config:
+    class Config(LossSettings):
         pass
 
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -170,7 +175,7 @@ class KLLoss(DistillLoss):
     summary = "KL(softmax(t/T) || softmax(s/T)) * T^2, the batch mean"
 
     @dataclass
-    class Config:
+    class Config(LossSettings):
         pass
 
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:

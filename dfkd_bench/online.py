@@ -20,11 +20,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import DfkdError
 from .generator import ReferenceGenerator
+from .inversion import invert
 from .method import SynthBatch, SynthContext, Synthesizer
-
-GENERATORS = ("authors", "package")  # a method's authors' generator, or the datafree package's
+from .settings import MethodSettings, at_least
 
 
 def package_generator(nz: int, image_size: int, channels: int) -> ReferenceGenerator:
@@ -33,17 +32,11 @@ def package_generator(nz: int, image_size: int, channels: int) -> ReferenceGener
     return ReferenceGenerator(nz, (256, 128, 64), image_size, channels, "sigmoid", conv_bias=False)
 
 
-def check_generator(name: str) -> None:
-    """One-line error for a ``method.generator`` that is neither ``authors`` nor ``package``."""
-    if name not in GENERATORS:
-        raise DfkdError(f"method.generator must be one of {', '.join(GENERATORS)}, got {name!r}")
-
-
 @dataclass
-class OnlineConfig:
+class OnlineConfig(MethodSettings):
     """Settings every online method has; a method's Config subclasses this with its authors' values."""
 
-    g_steps: int = 1  # generator steps per round (a round is followed by kd_steps student steps)
+    g_steps: int = at_least(1, default=1)  # generator steps per round (a round is followed by kd_steps student steps)
     lr_g: float = 1e-3
     beta1: float = 0.9  # Adam's defaults, as the authors' code; the datafree package uses 0.5
     beta2: float = 0.999
@@ -61,8 +54,6 @@ class OnlineSynthesizer(Synthesizer):
 
     def __init__(self, ctx: SynthContext, cfg: OnlineConfig):
         super().__init__(ctx, cfg)
-        if cfg.g_steps < 1:
-            raise DfkdError(f"method.g_steps must be at least 1, got {cfg.g_steps}")
         self.generator = self.build_generator()
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
         self.student_lr0 = 0.0  # the student's first learning rate, the reference of lr_g_schedule
@@ -73,7 +64,6 @@ class OnlineSynthesizer(Synthesizer):
         """The generator ``cfg.generator`` names: the authors' (``authors_generator``) or the datafree
         package's. It has a ``normalized_output`` attribute."""
         c, h, _ = self.ctx.image_shape
-        check_generator(self.cfg.generator)
         if self.cfg.generator == "package":
             return package_generator(self.cfg.nz, h, c)
         return self.authors_generator(h, c)
@@ -93,8 +83,9 @@ class OnlineSynthesizer(Synthesizer):
         """The latent batch of one generator step (default: a fresh one)."""
         return torch.randn(self.ctx.synth_batch_size, self.cfg.nz, device=self.ctx.device)
 
-    def after_round(self, images: torch.Tensor) -> None:
-        """Called with the last generator step's images (before that step's update), detached."""
+    def last_step_images(self, images: torch.Tensor) -> None:
+        """Called once per round with the last generator step's images (pixels, before that step's update,
+        detached); DAFL keeps them for the student's next step. Default: nothing."""
 
     # ---------------------------------------------------------------- the loop
 
@@ -121,24 +112,24 @@ class OnlineSynthesizer(Synthesizer):
         if cfg.student_bn_train:
             ctx.student.train()  # BN on batch statistics, running statistics updated, as in the authors' loop
         self.round_latents()
-        curve, last, out = [], {}, None
-        for _ in range(cfg.g_steps):
+
+        def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             out = self.generator(self.step_latents())
-            terms = self.generator_terms(self.network_input(out))
-            loss = sum(terms.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            curve.append(loss.item())
-            last = {k: v.item() for k, v in terms.items()}
+            return out, self.generator_terms(self.network_input(out))
+
+        def clip() -> None:
+            nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+
+        run = invert(self.optimizer, cfg.g_steps, forward, keep_best=False,
+                     after_backward=clip if cfg.grad_clip > 0 else None)
         if cfg.student_bn_train:
             ctx.student.eval()
-        self.after_round(self.to_images(out.detach()))
+        self.last_step_images(self.to_images(run.last_images))
         empty = torch.empty(0, *ctx.image_shape, device=ctx.device)
-        return SynthBatch(empty, None, {**last, "total": curve[-1]}, curve,
-                          teacher_passes=ctx.synth_batch_size * cfg.g_steps)
+        batch = SynthBatch(empty, None, {**run.last_terms, "total": run.curve[-1]}, run.curve,
+                           teacher_passes=ctx.synth_batch_size * cfg.g_steps)
+        self.after_round(batch)
+        return batch
 
     @torch.no_grad()
     def draw(self, n: int) -> torch.Tensor:

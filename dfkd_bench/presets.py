@@ -15,3 +15,9 @@ CPU_PROTOCOL = {
     "epochs": 10, "ep_steps": 200, "kd_steps": 100, "batch_size": 128, "synth_batch_size": 128,
     "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 20.0,
 }
+
+# The online methods' (DAFL, DFAD, DFQ, ZSKT) share of the protocol: a new generator batch of 128 for every
+# student step, used as the generator made it (no crop/flip), one generator step per round. Each method adds
+# its own round length (kd_steps) and student temperature from its authors' code.
+ONLINE_PROTOCOL = {"synth_batch_size": 128, "kd_augment": False, "method.g_steps": 1}
+

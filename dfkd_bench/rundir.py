@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,29 +51,105 @@ _IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
 
 @dataclass
 class Counters:
-    """Budget and timing counters, checkpointed with the run."""
+    """Budget and timing counters, checkpointed with the run (:meth:`state_dict`)."""
 
     images: int = 0
     teacher_passes: int = 0
     synth_seconds: float = 0.0
     distill_seconds: float = 0.0
     eval_seconds: float = 0.0
-    elapsed: float = 0.0  # wall seconds of the run, summed over resumed sessions
+    elapsed: float = 0.0  # wall seconds of the run, summed over resumed sessions (see session_elapsed)
     rounds: int = 0
     kd_steps: int = 0
     best_acc: float = -1.0
     best_epoch: int = -1
+    # not state: the open timers (innermost last, with the time each last started) and this session's start
+    _timers: list[list[Any]] = field(default_factory=list, repr=False, compare=False)
+    _session_start: float | None = field(default=None, repr=False, compare=False)
+
+    @contextmanager
+    def timing(self, name: str) -> Iterator[None]:
+        """Add the block's wall seconds to the counter ``name``. A timed block inside another pauses the
+        outer one, so a second is counted once: a fresh batch made inside a student step is synthesis."""
+        now = time.time()
+        if self._timers:
+            outer = self._timers[-1]
+            setattr(self, outer[0], getattr(self, outer[0]) + now - outer[1])
+        self._timers.append([name, now])
+        try:
+            yield
+        finally:
+            end = time.time()
+            _, started = self._timers.pop()
+            setattr(self, name, getattr(self, name) + end - started)
+            if self._timers:
+                self._timers[-1][1] = end
+
+    def progress(self) -> dict[str, Any]:
+        """The counts and seconds an epoch's record in ``metrics.jsonl`` carries."""
+        return {"images": self.images, "teacher_passes": self.teacher_passes, "kd_steps": self.kd_steps,
+                "synth_seconds": round(self.synth_seconds, 3), "distill_seconds": round(self.distill_seconds, 3),
+                "elapsed_seconds": round(self.session_elapsed(), 3)}
+
+    def start_session(self) -> None:
+        """This process starts (or resumes) the run now."""
+        self._session_start = time.time()
+
+    def session_elapsed(self) -> float:
+        """The run's wall seconds so far: earlier sessions and this one."""
+        return self.elapsed + (time.time() - self._session_start if self._session_start is not None else 0.0)
+
+    def end_session(self) -> None:
+        self.elapsed, self._session_start = self.session_elapsed(), None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters, with this session's time so far in ``elapsed`` (what a resumed run continues from)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        state["elapsed"] = self.session_elapsed()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name.startswith("_") or not hasattr(self, name):
+                raise KeyError(f"unknown counter '{name}'")
+            setattr(self, name, value)
 
 
-def budget_reached(cfg: Any, counters: Counters, session_seconds: float) -> str | None:
+def budget_reached(cfg: Any, counters: Counters) -> str | None:
     """The first budget of ``cfg`` that ``counters`` have reached, as ``name=limit``; None if none."""
     if cfg.max_images and counters.images >= cfg.max_images:
         return f"max_images={cfg.max_images}"
     if cfg.max_teacher_passes and counters.teacher_passes >= cfg.max_teacher_passes:
         return f"max_teacher_passes={cfg.max_teacher_passes}"
-    if cfg.max_seconds and counters.elapsed + session_seconds >= cfg.max_seconds:
+    if cfg.max_seconds and counters.session_elapsed() >= cfg.max_seconds:
         return f"max_seconds={cfg.max_seconds:g}"
     return None
+
+
+def run_summary(cfg: Any, status: str, reason: str | None, metrics: list[dict[str, Any]], counters: Counters,
+                teacher: dict[str, Any], student_arch: str | None, ranks: dict[str, Any], device: str,
+                amp_dtype: str | None) -> dict[str, Any]:
+    """``summary.json``: status, what the run was made of (config names, the teacher's sha256), the
+    score (the last epoch's accuracy) beside the best epoch, the counters, and provenance."""
+    from .runtime import git_commit, versions
+
+    c = counters
+    return {
+        "status": status, "reason": reason,
+        "method": cfg.method, "loss": cfg.loss, "preset": cfg.preset,
+        "dataset": cfg.dataset, "teacher": cfg.teacher, "student": cfg.student,
+        "teacher_arch": teacher.get("arch"), "student_arch": student_arch, "seed": cfg.seed,
+        "epochs_done": len(metrics), "final_acc": metrics[-1]["test_acc"] if metrics else None,
+        "best_acc": round(c.best_acc, 4) if c.best_acc >= 0 else None,
+        "best_epoch": c.best_epoch if c.best_epoch >= 0 else None,
+        "teacher_acc": teacher.get("test_accuracy"), "teacher_sha256": teacher.get("sha256"),
+        "teacher_path": teacher.get("path"),
+        "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
+        "synth_seconds": round(c.synth_seconds, 2), "distill_seconds": round(c.distill_seconds, 2),
+        "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),
+        **ranks, "device": device, "amp": amp_dtype is not None, "amp_dtype": amp_dtype,
+        "versions": versions(), "git_commit": git_commit(), "finished": timestamp(),
+    }
 
 
 class RunFolder:
@@ -191,13 +269,26 @@ class RunFolder:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_torch_save(self.path / CHECKPOINT, state)
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint's state, or None when the folder has none."""
+    def load_checkpoint(self, teacher: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The checkpoint's state, or None when the folder has none.
+
+        Raises:
+            DfkdError: the file is not a dfkd-bench checkpoint, or it was made with another teacher than
+                ``teacher`` (a sidecar: its ``sha256`` and ``path``).
+        """
         path = self.path / CHECKPOINT
         if not path.is_file():
             return None
         # a checkpoint is replaced atomically, so one that does not load is a foreign file
-        return safe_load(path, "checkpoint (delete it to start the run over)")
+        state = safe_load(path, "checkpoint (delete it to start the run over)")
+        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+            raise DfkdError(f"cannot resume from {path}: not a dfkd-bench checkpoint; delete it to start over")
+        theirs, ours = state.get("teacher_sha256"), (teacher or {}).get("sha256")
+        if theirs and ours and theirs != ours:
+            raise DfkdError(f"cannot resume {self.path}: its checkpoint was made with teacher sha256 {theirs[:12]}, "
+                            f"but the teacher found now is {ours[:12]} ({teacher.get('path')}); restore "
+                            "that teacher, or start the run over in another folder")
+        return state
 
     # ------------------------------------------------------------ the end
 

@@ -17,6 +17,7 @@ from dfkd_bench.generative import GeneratorConfig, GeneratorSynthesizer
 from dfkd_bench.method import SynthBatch, SynthContext
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.settings import at_least, choice
 from dfkd_bench.zoo import stage_modules
 
 
@@ -91,9 +92,6 @@ class MemoryBank(nn.Module):
         self.features, self.next = state["features"], int(state["next"])
 
 
-FEATURE_SOURCES = ("bn", "stages")
-
-
 @SYNTHESIZERS.register
 class CMI(GeneratorSynthesizer):
     name = "cmi"
@@ -104,18 +102,22 @@ class CMI(GeneratorSynthesizer):
     class Config(GeneratorConfig):
         cr: float = 0.8  # contrastive weight
         cr_T: float = 0.1  # InfoNCE temperature (the published WRN-40-2 scripts; scripts/cmi/cmi_cifar10.sh has 0.2)
-        bank_size: int = 40960  # memory bank capacity, in samples (datafree_kd.py's 40960)
+        bank_size: int = at_least(1, default=40960)  # memory bank capacity, in samples (datafree_kd.py's 40960)
         n_negatives: int = 4096  # bank samples drawn per step
-        head_dim: int = 256  # projection head output
+        head_dim: int = at_least(1, default=256)  # projection head output
         head_lr: float = 0.0  # the head's own Adam (default betas), one for the run; 0: lr_g, as the authors
         local_scale: tuple[float, float] = (0.25, 1.0)  # area range of the local view's crop
         # "bn": per-sample channel means of every teacher BN layer's input (the authors' default);
         # "stages": of the teacher's stage outputs, which the authors use for a ResNet-34 teacher only
-        features: str = "bn"
+        features: str = choice("bn", "stages")
+
+        def check(self) -> None:
+            scale = tuple(self.local_scale)
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise DfkdError(f"{self.key('local_scale')} must be two areas 0 < low <= high <= 1, "
+                                f"got {','.join(map(str, scale))}")
 
     def __init__(self, ctx: SynthContext, cfg: Config):
-        if cfg.features not in FEATURE_SOURCES:
-            raise DfkdError(f"method.features must be one of {', '.join(FEATURE_SOURCES)}, got {cfg.features!r}")
         super().__init__(ctx, cfg)
         modules = ([h.module for h in self.bn_stats.hooks] if cfg.features == "bn"
                    else stage_modules(ctx.teacher))
@@ -159,18 +161,18 @@ class CMI(GeneratorSynthesizer):
         # one head pass for every row, as the authors do, so the bank's rows also train the head
         projected = self.head(torch.cat([local_features, cached_local, global_features, cached_global]))
         local, global_ = projected.chunk(2)
-        self.head_optimizer.zero_grad(set_to_none=True)
         return {"cr": self.cfg.cr * cmi_contrastive_loss(local, global_, len(images), self.cfg.cr_T)}
 
-    def after_backward(self, generator: nn.Module) -> None:
-        if self.cfg.cr > 0:
+    def after_backward(self) -> None:
+        if self.cfg.cr > 0:  # the head learns with G, from the same backward pass
             self.head_optimizer.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
 
     def on_best_step(self) -> None:
         self._best_features = self._step_features
 
     @torch.no_grad()
-    def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
+    def after_round(self, batch: SynthBatch) -> None:
         if self.cfg.cr > 0:
             batch.teacher_passes += len(batch.images) * self.cfg.g_steps  # the local views' teacher passes
             self.bank.add(self._best_features)  # the views of the best step, as the authors keep them

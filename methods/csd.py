@@ -31,6 +31,7 @@ from dfkd_bench.losses import kl_divergence
 from dfkd_bench.method import DistillLoss, LossContext, Outputs, SynthBatch, SynthContext
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS, register_preset
+from dfkd_bench.settings import LossSettings
 from dfkd_bench.zoo import feature_dims, stage_modules
 
 ROTATIONS = 4
@@ -84,8 +85,6 @@ class CSD(GeneratorSynthesizer):
 
     def __init__(self, ctx: SynthContext, cfg: Config):
         super().__init__(ctx, cfg)
-        if cfg.head_lr < 0:
-            raise DfkdError(f"method.head_lr must be zero (the run's lr) or positive, got {cfg.head_lr}")
         c, h, _ = ctx.image_shape
         _, width = feature_dims(ctx.student, c, h)
         # PyTorch's default initialization first; N(0, 0.02) after every round (``after_round``)
@@ -127,7 +126,7 @@ class CSD(GeneratorSynthesizer):
         x4, y4 = rotate_with_labels(x, y)
         return {"csd": -self.cfg.csd * self.aux_cross_entropy(self.student_features(x4), y4)}
 
-    def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
+    def after_round(self, batch: SynthBatch) -> None:
         # The head measures the student as it learns from this round's batches, so it starts over
         # (the authors' reset_head after every synthesis, with their reset_model initialization).
         dcgan_init_(self.aux_head)
@@ -211,7 +210,7 @@ class CSDLoss(DistillLoss):
     needs_labels = True
 
     @dataclass
-    class Config:
+    class Config(LossSettings):
         ce: float = 1.0  # weight of the CE on the synthesized images' target labels
         fea: float = 30.0  # weight of the feature-map MSE
 
@@ -238,7 +237,7 @@ class CSDLoss(DistillLoss):
 
 
 # Published: CIFAR, WRN-40-2 -> WRN-16-1, starting from an init bank (the "bank" preset).
-# With --loss kl the loss.fea key is skipped (config.resolve_config), so CSD synthesis + plain KD works.
+# With --loss kl the loss.fea key does not apply: the run says so in a note and goes on (CSD synthesis + plain KD).
 register_preset("csd", "paper", {
     "epochs": 100, "ep_steps": 2000, "kd_steps": 2000, "batch_size": 128, "synth_batch_size": 200,
     "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 20.0,

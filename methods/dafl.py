@@ -47,8 +47,9 @@ from dfkd_bench.generator import ReferenceGenerator
 from dfkd_bench.losses import mean_prediction_neg_entropy
 from dfkd_bench.method import SynthBatch
 from dfkd_bench.online import OnlineConfig, OnlineSynthesizer
-from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
+from dfkd_bench.presets import CPU_PROTOCOL, ONLINE_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.settings import choice
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DAFLConfig(OnlineConfig):
     ie: float = 5.0  # information entropy, sum(p log10 p) of the batch-mean prediction
     act: float = 0.1  # activation: minus the mean |penultimate feature| of the teacher
     reuse_batch: bool = True  # the round's first student step learns from the generator step's batch
-    generator: str = "authors"  # "authors" (tanh + BN, eps 0.8) or "package" (CMI's LargeGenerator, sigmoid)
+    generator: str = choice("authors", "package")  # authors' (tanh + BN, eps 0.8), or CMI's LargeGenerator (sigmoid)
 
 
 @SYNTHESIZERS.register
@@ -87,7 +88,7 @@ class DAFL(OnlineSynthesizer):
             "act": cfg.act * -pooled.abs().mean(),
         }
 
-    def after_round(self, images: torch.Tensor) -> None:
+    def last_step_images(self, images: torch.Tensor) -> None:
         self.pending = images if self.cfg.reuse_batch else None
 
     def sample(self, n: int) -> SynthBatch:
@@ -115,8 +116,7 @@ register_preset("dafl", "paper", {
 # The generator takes the README's CIFAR settings, the authors' recipe for a BN network distilled with SGD
 # as the runner's student is: with the code's MNIST defaults (made for LeNet-5 and an Adam student) the
 # quick run ends at 11.43% on Fashion-MNIST, with these at 56.61% (seed 0; docs/methods/online.md).
-_ONLINE = {"synth_batch_size": 128, "kd_augment": False, "temperature": 1.0, "kd_steps": 1, "method.g_steps": 1,
-           **_CIFAR}
+_ONLINE = {**ONLINE_PROTOCOL, "temperature": 1.0, "kd_steps": 1, **_CIFAR}
 # The datafree package's DAFL (CMI scripts/dafl/dafl_cifar10_wrn402_wrn161.sh; its student loss is KL at T 1
 # whatever --T says, because datafree_kd.py reassigns `criterion`): one generator step, then 5 student steps
 # on new samples drawn with the generator in eval mode; balance 20 on ln = ie 8.686 on log10; the student's

@@ -15,20 +15,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dfkd_bench.inversion import invert
 from dfkd_bench.losses import BNStatistics, adversarial_loss, clamped_js_divergence, total_variation
 from dfkd_bench.method import SynthBatch, Synthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.settings import MethodSettings, at_least, choice
 
 
 @SYNTHESIZERS.register
 class DeepInversion(Synthesizer):
     name = "deepinversion"
-    summary = "Adam on the pixels: BN statistics + CE + TV + adversarial, jitter and flip, keep the best batch"
+    summary = ("Adam on the pixels: BN statistics + CE + TV + adversarial, jitter and flip; the last iterate "
+               "(keep_best: the lowest-loss batch)")
 
     @dataclass
-    class Config:
-        g_steps: int = 1000  # Adam iterations per batch (the package's scripts; the Fast paper's DeepInv-2k: 2000)
+    class Config(MethodSettings):
+        # Adam iterations per batch (the package's scripts; the Fast paper's DeepInv-2k: 2000)
+        g_steps: int = at_least(1, default=1000)
         lr_g: float = 0.1
         beta1: float = 0.5
         beta2: float = 0.99
@@ -38,15 +42,13 @@ class DeepInversion(Synthesizer):
         adv_T: float = 3.0  # the adversarial divergence's temperature
         tv: float = 1e-3  # total variation weight (CMI's datafree_kd.py; Fast-Datafree's passes 0)
         l2: float = 0.0  # weight of the whole batch's pixel L2 norm
-        adv_mode: str = "js"  # "js" (the package's form) or "masked" (CMI/Fast's masked KL)
+        adv_mode: str = choice("js", "masked")  # the package's JS form, or CMI/Fast's masked KL
         jitter: float = 0.125  # max roll as a fraction of H and W
         flip: bool = True
         keep_best: bool = False  # return the lowest-loss batch (a fix; the package returns the last iterate)
 
     def __init__(self, ctx, cfg: Config):
         super().__init__(ctx, cfg)
-        if cfg.adv_mode not in ("masked", "js"):
-            raise ValueError(f"adv_mode must be 'masked' or 'js', got {cfg.adv_mode!r}")
         self.bn_stats = BNStatistics(ctx.teacher, active=False)  # on during synthesis only
         norm = ctx.normalizer
         # the valid range of normalized pixels, per channel
@@ -78,28 +80,25 @@ class DeepInversion(Synthesizer):
         x = torch.randn(n, *ctx.image_shape, device=ctx.device, requires_grad=True)
         y = torch.randint(ctx.num_classes, (n,), device=ctx.device)
         opt = torch.optim.Adam([x], lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
-        best, best_loss, curve, last = x.detach().clone(), float("inf"), [], {}
         max_dx, max_dy = int(w * cfg.jitter), int(h * cfg.jitter)
-        for _ in range(cfg.g_steps):
+
+        def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             dx = int(torch.randint(-max_dx, max_dx + 1, ()).item()) if max_dx else 0
             dy = int(torch.randint(-max_dy, max_dy + 1, ()).item()) if max_dy else 0
             view = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             if cfg.flip and torch.rand(()) < 0.5:
                 view = view.flip(3)
-            terms = self._loss_terms(x, view, y)
-            loss = sum(terms.values())
-            value = loss.item()
-            curve.append(value)
-            if cfg.keep_best and value < best_loss:
-                best_loss, best = value, x.detach().clone()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, self.hi), self.lo))
-            last = {k: v.item() for k, v in terms.items()}
-        images = ctx.normalizer.inverse(best if cfg.keep_best else x.detach()).clamp(0, 1)
-        return SynthBatch(images, y, {**last, "total": curve[-1]}, curve, teacher_passes=n * cfg.g_steps)
+            return x, self._loss_terms(x, view, y)
+
+        @torch.no_grad()
+        def clamp() -> None:  # keep every pixel inside the range the normalization maps [0, 1] to
+            x.copy_(torch.maximum(torch.minimum(x, self.hi), self.lo))
+
+        # the last iterate is x itself after its last update (Inversion.last_images aliases it)
+        run = invert(opt, cfg.g_steps, forward, keep_best=cfg.keep_best, after_step=clamp)
+        images = ctx.normalizer.inverse(run.kept).clamp(0, 1)
+        return SynthBatch(images, y, {**run.last_terms, "total": run.curve[-1]}, run.curve,
+                          teacher_passes=n * cfg.g_steps)
 
 
 # Published: CIFAR-10, WRN-40-2 -> WRN-16-1, the package's scripts/deepinv (83.04% in CMI's README):

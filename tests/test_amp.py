@@ -7,8 +7,9 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import tiny_runner
+from helpers import tiny_runner
 
+from dfkd_bench.batches import FreshBatches
 from dfkd_bench.config import RunConfig
 from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.rundir import CONFIG, SUMMARY
@@ -49,9 +50,9 @@ def test_one_round_under_bfloat16_autocast_on_cpu(method, tiny_store, tmp_path):
     assert set(teacher_dtypes) == set(student_dtypes) == {torch.bfloat16}  # the student step's autocast
     assert terms and all(torch.isfinite(torch.tensor(v)).all() for v in terms.values()), dict(terms)
     assert any(k.startswith("kd/") for k in terms)
-    if runner.fresh:
+    if isinstance(runner.batches, FreshBatches):
         assert runner.counters.images == runner.cfg.batch_size
-    elif not runner.real_pool:
+    elif runner.batches.synthetic:
         assert len(runner.pool) == pool_before + runner.cfg.synth_batch_size
     after = runner.student.state_dict()
     assert all(torch.isfinite(v.float()).all() for v in after.values())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SHIPPED_TEACHERS, TINY_CLI, assert_user_error
+from helpers import SHIPPED_TEACHERS, TINY_CLI, assert_user_error
 
 from dfkd_bench import data
 from dfkd_bench.cli import cli

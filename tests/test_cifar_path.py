@@ -2,7 +2,7 @@
 trains on them, and every registered method and baseline runs on their 3-channel 32-px images
 (and, as a slow test, on Fashion-MNIST's 1-channel 28-px images with the shipped teacher).
 
-The fake folders (conftest.write_fake_cifar) hold a few dozen random images, so every run is tiny.
+The fake folders (helpers.write_fake_cifar) hold a few dozen random images, so every run is tiny.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAKE_CIFAR_TEST, FAKE_CIFAR_TRAIN, SHIPPED_TEACHERS, assert_user_error
+from helpers import FAKE_CIFAR_TEST, FAKE_CIFAR_TRAIN, SHIPPED_TEACHERS, assert_user_error
 
 from dfkd_bench.cli import cli
 from dfkd_bench.data import DEBIAN_FASHION_MNIST, get_dataset

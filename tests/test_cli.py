@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, TINY_CLI, assert_user_error
+from helpers import TINY, TINY_CLI, assert_user_error
 
 from dfkd_bench.cli import cli
 from dfkd_bench.registry import SYNTHESIZERS

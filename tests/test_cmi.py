@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_effect, tiny_runner
+from helpers import assert_effect, tiny_runner
 
 from dfkd_bench.methods.cmi import CMI, MemoryBank, cmi_contrastive_loss
 from dfkd_bench.registry import get_preset

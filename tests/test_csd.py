@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_CLASSES, TINY_SHAPE, assert_effect, tiny_runner
+from helpers import TINY, TINY_CLASSES, TINY_SHAPE, assert_effect, tiny_runner
 
 from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError
@@ -229,7 +229,7 @@ def test_end_to_end_with_plain_kl(tmp_path, tiny_store):
 
 def test_init_bank_keeps_labels_for_the_main_run(tmp_path, tiny_store):
     bank = tiny_runner("csd", tmp_path / "bank", tiny_store, {"method.g_steps": 2}, preset="bank")
-    assert bank.cfg.synthesis_only and bank.method_cfg.csd == 0
+    assert bank.cfg.synthesis_only and bank.method.cfg.csd == 0
     assert bank.run()["status"] == "complete" and (tmp_path / "bank" / "pool.pt").is_file()
     main = tiny_runner("csd", tmp_path / "main", tiny_store, {"method.g_steps": 2, "init_bank": str(tmp_path / "bank")})
     assert len(main.pool) == len(bank.pool) and main.pool.has_labels

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TINY, TINY_CLASSES, TINY_SHAPE, tiny_runner
+from helpers import TINY, TINY_CLASSES, TINY_SHAPE, tiny_runner
 
 from dfkd_bench.data import DEBIAN_FASHION_MNIST, DatasetSpec, get_dataset, read_idx, sealed
 from dfkd_bench.errors import DataAccessError, DfkdError

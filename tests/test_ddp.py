@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import TINY_CLI, assert_user_error, tiny_runner
+from helpers import TINY_CLI, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
 from dfkd_bench.distributed import ShardedPassSampler, process_group_from_env, spawn
@@ -179,7 +179,7 @@ def test_a_batch_size_the_ranks_cannot_split_is_a_user_error(two_ranks):
 
 def _cli_rank(store: Path, out_dir: Path) -> None:
     """`dfkd-bench run` in a rank of a process group, as under torchrun."""
-    args = ["--plugin", "conftest", "run", "--method", "deepinversion", *TINY_CLI, "--teacher-store", str(store),
+    args = ["--plugin", "helpers", "run", "--method", "deepinversion", *TINY_CLI, "--teacher-store", str(store),
             "--output", str(out_dir / "cli"), "--name", "run"]
     result = CliRunner().invoke(cli, args)
     (out_dir / f"cli{dist.get_rank()}.json").write_text(json.dumps([result.exit_code, result.output]))
@@ -203,7 +203,7 @@ def test_ddp_under_torchrun_is_a_user_error(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- kill, restart, resume
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dfkd_bench", "--plugin", "conftest", "run", "--method", "deepinversion",
+    return [sys.executable, "-m", "dfkd_bench", "--plugin", "helpers", "run", "--method", "deepinversion",
             *TINY_CLI, "--set", "epochs=3", *args]
 
 

@@ -4,7 +4,7 @@ the image priors on the un-jittered batch."""
 from __future__ import annotations
 
 import torch
-from conftest import tiny_runner
+from helpers import tiny_runner
 
 from dfkd_bench.losses import total_variation
 from dfkd_bench.methods.deepinversion import DeepInversion

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY, TINY_CLASSES, TINY_RUN, TINY_SHAPE, TINY_SPEC, assert_effect, tiny_runner
+from helpers import TINY, TINY_CLASSES, TINY_RUN, TINY_SHAPE, TINY_SPEC, assert_effect, tiny_runner
 from PIL import Image
 
 from dfkd_bench import engine

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import assert_effect, tiny_runner
+from helpers import assert_effect, tiny_runner
 
 from dfkd_bench.config import resolve_config
 from dfkd_bench.errors import DfkdError
@@ -75,9 +75,10 @@ def test_fast_meta_maml_step_is_adam_on_summed_inner_gradients(tiny_store, tmp_p
     grads: list[dict[str, torch.Tensor]] = []
     original = method.after_backward
 
-    def spy(generator):
-        grads.append({k: p.grad.detach().clone() for k, p in generator.named_parameters()})
-        original(generator)
+    def spy():
+        clone = method.round_clone[0]  # the generator the round optimizes
+        grads.append({k: p.grad.detach().clone() for k, p in clone.named_parameters()})
+        original()
 
     method.after_backward = spy
     method.synthesize()
@@ -98,9 +99,9 @@ def test_fast_meta_reptile_is_adam_on_the_scaled_weight_difference(tiny_store, t
     ends = []
     original = method.after_round
 
-    def spy(generator, batch):
-        ends.append(_weights(generator))
-        original(generator, batch)
+    def spy(batch):
+        ends.append(_weights(method.round_clone[0]))
+        original(batch)
 
     method.after_round = spy
     method.synthesize()

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from conftest import TINY, TINY_CLASSES, TINY_CLI, TINY_SPEC, assert_user_error, tiny_runner
+from helpers import TINY, TINY_CLASSES, TINY_CLI, TINY_SPEC, assert_user_error, tiny_runner
 from test_resume import CHILD, TESTS
 
 from dfkd_bench import cli as cli_module
@@ -309,7 +309,7 @@ class _NoBatchNorm(nn.Module):
 
 @pytest.mark.parametrize("method", ["deepinversion", "cmi", "fast", "fast_meta", "csd", "nayer", "dfq"])
 def test_a_bn_statistics_method_refuses_a_teacher_without_batchnorm(method, tiny_store, tmp_path, monkeypatch):
-    monkeypatch.setattr("dfkd_bench.engine.load_teacher",
+    monkeypatch.setattr("dfkd_bench.build.load_teacher",
                         lambda *a, **k: (_NoBatchNorm().eval(), {"sha256": "0" * 64, "test_accuracy": 50.0}))
     with pytest.raises(DfkdError, match=f"method '{method}' matches the teacher's BatchNorm statistics.*_NoBatchNorm"):
         tiny_runner(method, tmp_path / "run", tiny_store)
@@ -323,7 +323,7 @@ def test_a_bn_statistics_method_refuses_a_teacher_without_batchnorm(method, tiny
     (["--device", "cuda:7"], "cuda:7"),
     (["--set", "synth_batch_size=1000000000000"], "synth_batch_size must be at most"),
     (["--set", "method.lr_g=-1"], "method.lr_g must be a finite, non-negative number"),
-    (["--set", "method.g_steps=-5"], "method.g_steps must be a finite, non-negative number"),
+    (["--set", "method.g_steps=-5"], "method.g_steps must be a finite number >= 1, got -5"),
     (["--set", "method=cmi"], "choose it with --method"),
     (["--set", "preset=cpu"], "choose it with --preset"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import assert_effect, tiny_runner
+from helpers import assert_effect, tiny_runner
 
 from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.rundir import CONFIG, METRICS, SAMPLES, STUDENT, SUMMARY, read_metrics

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_CLASSES, TINY_CLI, assert_effect, assert_user_error, tiny_runner
+from helpers import TINY_CLASSES, TINY_CLI, assert_effect, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
 from dfkd_bench.config import resolve_config

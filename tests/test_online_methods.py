@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import TINY_CLI, assert_effect, assert_user_error, tiny_runner
+from helpers import TINY_CLI, assert_effect, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
 from dfkd_bench.config import resolve_config

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.utils.data
 from click.testing import CliRunner
-from conftest import TINY
+from helpers import TINY
 
 from benchmarks.parity import shims
 from benchmarks.parity.__main__ import cli

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_RUN, assert_user_error, tiny_runner
+from helpers import TINY_RUN, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
 from dfkd_bench.rundir import CHECKPOINT, METRICS, STUDENT, SUMMARY, read_metrics
@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _sweep_args(store: Path, output: Path, methods: str = "kd-noise,kd-real", seeds: str = "0,1") -> list[str]:
-    args = ["--plugin", "conftest", "sweep", "--methods", methods, "--seeds", seeds, "--dataset", "tiny",
+    args = ["--plugin", "helpers", "sweep", "--methods", methods, "--seeds", seeds, "--dataset", "tiny",
             "--teacher", "wrn16_1", "--student", "wrn16_1", "--teacher-store", str(store), "--output", str(output)]
     for key in ("epochs", "ep_steps", "kd_steps", "batch_size", "synth_batch_size"):
         args += ["--set", f"{key}={TINY_RUN[key]}"]
@@ -33,7 +33,7 @@ def _sweep_args(store: Path, output: Path, methods: str = "kd-noise,kd-real", se
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance of 2 CPUs whose workers can import the tests' tiny dataset (conftest)."""
+    """A local Ray instance of 2 CPUs whose workers can import the tests' tiny dataset (helpers)."""
     ray = pytest.importorskip("ray", reason="Ray is the optional extra: pip install 'dfkd-bench[ray]'")
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), saved]))  # inherited by the workers

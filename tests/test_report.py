@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_RUN, assert_effect, tiny_runner
+from helpers import TINY_RUN, assert_effect, tiny_runner
 from PIL import Image
 
 from dfkd_bench.cli import cli

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_runner
+from helpers import tiny_runner
 
 from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.rundir import CHECKPOINT, METRICS, STUDENT, SUMMARY, read_metrics
@@ -27,8 +27,8 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
-    torch.set_num_threads(1)  # as the parent (conftest): bitwise-equal floats need the same thread count
-    from conftest import tiny_runner
+    torch.set_num_threads(1)  # as the parent (helpers): bitwise-equal floats need the same thread count
+    from helpers import tiny_runner
     from dfkd_bench.engine import Runner
     from dfkd_bench.rundir import CHECKPOINT
 

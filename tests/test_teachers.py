@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from conftest import SHIPPED_TEACHERS, TINY_SPEC, assert_effect, assert_user_error
+from helpers import SHIPPED_TEACHERS, TINY_SPEC, assert_effect, assert_user_error
 
 from dfkd_bench.cli import cli
 from dfkd_bench.data import Normalizer, evaluate, get_dataset
@@ -336,13 +336,13 @@ def test_an_interrupted_teacher_training_in_run_resumes(tmp_path, monkeypatch):
 
 def test_a_rank_of_a_process_group_never_trains_the_teacher(tmp_path, monkeypatch):
     # N ranks would each train it into the same store; `run --ddp` trains it before spawning instead
-    from dfkd_bench.cli import _ensure_teacher
+    from dfkd_bench.api import ensure_teacher
     from dfkd_bench.config import resolve_config
 
     cfg, _, _ = resolve_config("deepinversion", "quick", {}, dataset="tiny", teacher="wrn16_2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DfkdError, match="dfkd-bench teacher train"):
-        _ensure_teacher(None, cfg, tmp_path, True)
+        ensure_teacher(cfg, tmp_path, True)
     assert not any(tmp_path.iterdir())
 
 
