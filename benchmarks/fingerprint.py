@@ -33,7 +33,7 @@ DEFAULT_METHODS = ("cmi", "csd", "dafl", "deepinversion", "dfad", "dfq", "fast",
                    "kd-noise", "kd-real", "student-real", "teacher")
 # Fields that depend on the clock or the machine's load, not on the arithmetic.
 TIME_FIELDS = ("synth_seconds", "distill_seconds", "elapsed_seconds", "eval_seconds", "total_seconds",
-               "peak_memory_mb", "peak_rss_mb")
+               "peak_rss_mb", "peak_cuda_mb")
 
 
 def tensors_sha256(path: Path) -> str:

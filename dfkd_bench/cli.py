@@ -255,12 +255,24 @@ def _print_warnings(caught: list) -> None:
 @click.option("--at", "at", default=None, metavar="BUDGET=N",
               help="Compare at equal budget: accuracy after the last epoch within N of images, teacher_passes, "
                    "seconds, synth_seconds or epochs (e.g. --at images=5000).")
-def compare(root, fmt, output, at) -> None:
+@click.option("--memory", is_flag=True,
+              help="Show each run's peak memory in the terminal table (peak RSS; peak CUDA allocation on GPU "
+                   "runs); the md/csv/tex formats always carry it.")
+def compare(root, fmt, output, at, memory) -> None:
     """Compare every run folder below ROOT: last-epoch accuracy, mean ± std, 95% CI and n over seeds, and the
     methods not significantly worse than the best of their setting (Welch's t-test, p < 0.05)."""
     import warnings
 
-    from .results import BUDGET_COLUMNS, DISPLAY_COLUMNS, NOTE, collect, failed_runs, summarize, to_format
+    from .results import (
+        BUDGET_COLUMNS,
+        DISPLAY_COLUMNS,
+        MEMORY_COLUMNS,
+        NOTE,
+        collect,
+        failed_runs,
+        summarize,
+        to_format,
+    )
     from .stats import ALPHA
 
     if not Path(root).exists():
@@ -286,7 +298,7 @@ def compare(root, fmt, output, at) -> None:
         what = f"accuracy at {at}" if at else "last-epoch test accuracy"
         out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds, 95% t-CI; best group: "
                           f"Welch's t-test vs the best, p < {ALPHA} = worse)", caption=NOTE, caption_justify="left")
-        cols = [c for c in DISPLAY_COLUMNS if c in table.columns]
+        cols = [c for c in DISPLAY_COLUMNS if c in table.columns and (memory or c not in MEMORY_COLUMNS.values())]
         if "teacher sha256" in cols and table["teacher sha256"].nunique() <= 1:  # one checkpoint: it tells nothing
             cols.remove("teacher sha256")
         for c in cols:
@@ -401,7 +413,7 @@ def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignmen
             else:
                 console.print(f"{plan.run_dir.name}: {summary['final_acc']:.2f}%")
     if failed < len(plans):
-        click.get_current_context().invoke(compare, root=output)
+        click.get_current_context().invoke(compare, root=output, memory=False)
     if failed:
         sys.exit(1)
 

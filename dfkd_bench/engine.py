@@ -209,8 +209,8 @@ class Runner:
 
     def _end_epoch(self, epoch: int, warmup: bool, acc: float, terms: dict[str, list[float]], last: bool) -> None:
         """Append the epoch's record and, unless the run ends here, checkpoint."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        record = {"epoch": epoch, "test_acc": round(acc, 4), "warmup": warmup, "lr": lr, **self.counters.progress(),
+        lr, c = self.optimizer.param_groups[0]["lr"], self.counters
+        record = {"epoch": epoch, "test_acc": round(acc, 4), "warmup": warmup, "lr": lr, **c.progress(self.device),
                   **{k: round(sum(v) / len(v), 6) for k, v in terms.items() if v}}
         self.folder.append_metrics(record)
         self.reporter.epoch_done(record)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .errors import DfkdError
 from .registry import SYNTHESIZERS, load_plugins
-from .rundir import CONFIG, METRICS, SUMMARY, read_metrics
+from .rundir import CONFIG, MEMORY_FIELDS, METRICS, SUMMARY, read_metrics
 from .stats import ALPHA, CONFIDENCE, NA, Estimate, Mark, best_group, estimate
 
 # "settings" lists what a run changed relative to its preset (--set values), so variants are never averaged
@@ -77,6 +77,7 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         "synth_seconds": summary.get("synth_seconds"),
         "total_seconds": summary.get("total_seconds"),
         "epochs_done": summary.get("epochs_done"),
+        **{k: summary.get(k) for k in MEMORY_FIELDS},  # absent in summaries written before they were recorded
     })
     return row
 
@@ -153,7 +154,18 @@ def _row_at(within: list[dict[str, Any]]) -> dict[str, Any]:
     return {"final_acc": last["test_acc"], "at_epoch": last["epoch"],
             "best_acc": max(r["test_acc"] for r in within),
             "images": last.get("images"), "teacher_passes": last.get("teacher_passes"),
-            "synth_seconds": last.get("synth_seconds"), "total_seconds": last.get("elapsed_seconds")}
+            "synth_seconds": last.get("synth_seconds"), "total_seconds": last.get("elapsed_seconds"),
+            **{k: max((r[k] for r in within if r.get(k) is not None), default=None) for k in MEMORY_FIELDS}}
+
+
+# summary field -> column: a run's largest epoch peak (runtime.peak_memory), averaged over its seeds
+MEMORY_COLUMNS = {"peak_rss_mb": "peak RSS MiB", "peak_cuda_mb": "peak CUDA MiB"}
+
+
+def _fmt_mb(values: pd.Series) -> str:
+    """Mean of the runs that measured it, rounded to whole MiB; '-' when none did (CPU runs have no CUDA peak)."""
+    measured = pd.to_numeric(values, errors="coerce").dropna()
+    return f"{measured.mean():.0f}" if len(measured) else "-"
 
 
 def is_baseline(method: str) -> bool:
@@ -214,6 +226,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "images": int(g["images"].mean()) if g["images"].notna().any() else 0,
             "synthesis s": round(float(g["synth_seconds"].mean()), 1),
             "total s": round(float(g["total_seconds"].mean()), 1),
+            **{label: _fmt_mb(g[key]) for key, label in MEMORY_COLUMNS.items() if key in g},
             "acc_mean": score.mean, "acc_std": score.std, "ci95_low": score.ci_low, "ci95_high": score.ci_high,
         }
         if "at_epoch" in g:
@@ -223,6 +236,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(rows)
     table = pd.DataFrame(rows)
+    # a memory column no run measured (CUDA on CPU runs, or summaries older than the field) is left out
+    table = table.drop(columns=[c for c in MEMORY_COLUMNS.values() if c in table and (table[c] == "-").all()])
     marks: dict[int, Mark] = {}
     contenders = table[[not is_baseline(m) for m in table["method"]]]
     for _, g in contenders.groupby(SETTING_KEYS, sort=False, dropna=False):
@@ -235,7 +250,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 DISPLAY_COLUMNS = [k for k in GROUP_KEYS if k != "teacher sha256"] + [
     "acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best", "epochs at budget",
-    "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s"]
+    "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s",
+    "peak RSS MiB", "peak CUDA MiB"]
 # machine-readable copies of the statistics, for the csv format only
 NUMERIC_COLUMNS = ["acc_mean", "acc_std", "ci95_low", "ci95_high", "p_vs_best"]
 

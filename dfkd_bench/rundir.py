@@ -33,6 +33,7 @@ from .runtime import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
+    peak_memory,
     read_json_object,
     safe_load,
 )
@@ -47,6 +48,11 @@ STUDENT, SAMPLES, POOL, LOCK = "student.pt", "samples.png", "pool.pt", ".lock"
 
 # Fields that may differ between the attempts of one run (where it runs, how fast it evaluates).
 _IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
+
+
+# Record fields that depend on the machine and its load, not on the arithmetic of the run.
+MEMORY_FIELDS = ("peak_rss_mb", "peak_cuda_mb")
+MACHINE_FIELDS = ("synth_seconds", "distill_seconds", "elapsed_seconds", *MEMORY_FIELDS)
 
 
 @dataclass
@@ -85,11 +91,12 @@ class Counters:
             if self._timers:
                 self._timers[-1][1] = end
 
-    def progress(self) -> dict[str, Any]:
-        """The counts and seconds an epoch's record in ``metrics.jsonl`` carries."""
+    def progress(self, device: Any) -> dict[str, Any]:
+        """The counts, seconds and peak memory (:func:`~dfkd_bench.runtime.peak_memory` on ``device``) an
+        epoch's record in ``metrics.jsonl`` carries."""
         return {"images": self.images, "teacher_passes": self.teacher_passes, "kd_steps": self.kd_steps,
                 "synth_seconds": round(self.synth_seconds, 3), "distill_seconds": round(self.distill_seconds, 3),
-                "elapsed_seconds": round(self.session_elapsed(), 3)}
+                "elapsed_seconds": round(self.session_elapsed(), 3), **peak_memory(device)}
 
     def start_session(self) -> None:
         """This process starts (or resumes) the run now."""
@@ -147,6 +154,8 @@ def run_summary(cfg: Any, status: str, reason: str | None, metrics: list[dict[st
         "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
         "synth_seconds": round(c.synth_seconds, 2), "distill_seconds": round(c.distill_seconds, 2),
         "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),
+        # the largest of the epochs' peaks (every session's, for a resumed run), in MiB; None: not measured
+        **{key: max((r[key] for r in metrics if r.get(key) is not None), default=None) for key in MEMORY_FIELDS},
         **ranks, "device": device, "amp": amp_dtype is not None, "amp_dtype": amp_dtype,
         "versions": versions(), "git_commit": git_commit(), "finished": timestamp(),
     }

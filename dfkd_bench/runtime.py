@@ -104,6 +104,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory, in MiB: ``peak_rss_mb``, the process's resident-set high-water mark so far (its whole
+    life; POSIX ``getrusage``; absent where that does not exist), and on CUDA ``peak_cuda_mb``, the most
+    memory PyTorch's allocator held on ``device`` since the previous call (``max_memory_allocated``,
+    which this call resets, so each epoch's record holds that epoch's peak)."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (not POSIX)
+        pass
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_mb"] = round(rss / (2**20 if platform.system() == "Darwin" else 2**10), 1)
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import TINY, TINY_CLI, assert_user_error
 
 from dfkd_bench.cli import cli
 from dfkd_bench.registry import SYNTHESIZERS
+from dfkd_bench.rundir import read_metrics
 
 BIN = Path(sys.executable).parent / "dfkd-bench"
 
@@ -219,6 +221,32 @@ def test_compare_table_lists_the_run(cli_run):
     rows = _table_rows(result.stdout)
     assert rows[TINY][3] == "deepinversion"
     assert rows[TINY][7] == f"{summary['final_acc']:.2f} ± n/a"
+
+
+def test_every_epoch_and_the_summary_record_peak_memory(cli_run):
+    output, run_dir, summary = cli_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert all(r["peak_rss_mb"] > 10 for r in records) and all("peak_cuda_mb" not in r for r in records)
+    assert summary["peak_rss_mb"] == max(r["peak_rss_mb"] for r in records) and summary["peak_cuda_mb"] is None
+    plain, shown = invoke("compare", output), invoke("compare", output, "--memory")
+    assert "peak RSS" not in plain.stdout and "peak RSS" in shown.stdout  # (the header may wrap)
+    assert "peak CUDA" not in shown.stdout  # no run measured one
+    assert _table_rows(shown.stdout)[TINY][-1] == f"{summary['peak_rss_mb']:.0f}"
+    markdown = invoke("compare", output, "--format", "markdown").stdout
+    assert "peak RSS MiB" in markdown.splitlines()[0]
+
+
+def test_peak_memory_reads_and_resets_the_cuda_peak_per_call(monkeypatch):
+    from dfkd_bench import runtime
+
+    peaks, resets = iter([3 * 2**20, 2**21]), []
+    monkeypatch.setattr(runtime.torch.cuda, "max_memory_allocated", lambda device: next(peaks))
+    monkeypatch.setattr(runtime.torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    gpu = torch.device("cuda", 0)
+    first, second = runtime.peak_memory(gpu), runtime.peak_memory(gpu)
+    assert (first["peak_cuda_mb"], second["peak_cuda_mb"]) == (3.0, 2.0) and resets == [gpu, gpu]
+    assert first["peak_rss_mb"] <= second["peak_rss_mb"]  # a high-water mark never goes down
+    assert "peak_cuda_mb" not in runtime.peak_memory(torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- teachers
