@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import RunConfig
-from .data import DatasetSpec, sealed
+from .data import DatasetSpec, Normalizer, sealed
 from .errors import DfkdError
 from .losses import NoBatchNormError
 from .method import DistillLoss, LossContext, Outputs, SynthContext, Synthesizer
@@ -22,7 +22,7 @@ from .pool import SamplePool
 from .registry import LOSSES, SYNTHESIZERS
 from .rundir import POOL
 from .runtime import safe_load
-from .teachers import load_teacher
+from .teachers import load_teacher, teacher_normalization
 from .zoo import create_model
 
 
@@ -40,9 +40,10 @@ class StudentLoss(nn.Module):
 
 
 def build_models(cfg: RunConfig, spec: DatasetSpec, store: Path | None,
-                 device: torch.device) -> tuple[nn.Module, dict[str, Any], nn.Module]:
-    """The frozen teacher, its sidecar, and the student (a trainable copy of the teacher for a
-    ``student_is_teacher`` baseline), both on ``device``. Teacher first: its construction draws
+                 device: torch.device) -> tuple[nn.Module, dict[str, Any], nn.Module, Normalizer]:
+    """The frozen teacher, its sidecar, the student (a trainable copy of the teacher for a
+    ``student_is_teacher`` baseline), both on ``device``, and the teacher's normalization (its sidecar's),
+    which synthesis, the student's steps and evaluation all use. Teacher first: its construction draws
     from the seeded generator before the student's initialization does."""
     checkpoint = Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
     teacher, meta = load_teacher(spec, cfg.teacher, store, checkpoint)
@@ -52,7 +53,7 @@ def build_models(cfg: RunConfig, spec: DatasetSpec, store: Path | None,
         student.dfkd_name = meta.get("arch")
     else:
         student = create_model(cfg.student, spec.num_classes, spec.channels, spec.image_size)
-    return teacher, meta, student.to(device)
+    return teacher, meta, student.to(device), Normalizer(*teacher_normalization(meta, spec)).to(device)
 
 
 def build_method(cfg: RunConfig, method_cfg: Any, ctx: SynthContext) -> Synthesizer:

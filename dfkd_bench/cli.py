@@ -521,16 +521,36 @@ def fmt_duration(seconds: float) -> str:
 @click.option("--store", type=click.Path(path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a teacher already stored for (dataset, arch).")
-def teacher_import(checkpoint, fmt, arch, dataset, store, device, force) -> None:
-    """Convert a teacher checkpoint from another code base into the store."""
+@click.option("--mean", default=None, metavar="M1,M2,...",
+              help="The per-channel mean the checkpoint was trained with (default: the dataset's; for CIFAR the "
+                   "released teachers', CMI registry.py). Give --std with it.")
+@click.option("--std", default=None, metavar="S1,S2,...", help="The per-channel std it was trained with.")
+def teacher_import(checkpoint, fmt, arch, dataset, store, device, force, mean, std) -> None:
+    """Convert a teacher checkpoint from another code base into the store, with the normalization it expects."""
     from .data import get_dataset
-    from .teachers import default_store, import_teacher
+    from .teachers import PUBLISHED_TOLERANCE, default_store, import_teacher
 
     spec = get_dataset(dataset)
     store = store or default_store()
-    meta = import_teacher(checkpoint, fmt, spec, arch, store, device, force=force)
-    acc = f"{meta['test_accuracy']:.2f}%" if meta["test_accuracy"] is not None else "not measured (no test data)"
-    console.print(f"imported {checkpoint} as {meta['arch']} for {dataset}: every tensor mapped, test accuracy {acc}")
+    mean, std = (_csv_list(v, float) if v is not None else None for v in (mean, std))
+    meta = import_teacher(checkpoint, fmt, spec, arch, store, device, force=force, mean=mean, std=std)
+    measured = meta["test_accuracy"]
+    acc = f"{measured:.2f}%" if measured is not None else "not measured (no test data)"
+    norm = meta["normalization"]
+    console.print(f"imported {checkpoint} as {meta['arch']} for {dataset}: every tensor mapped, test accuracy {acc} "
+                  f"(normalization mean {tuple(norm['mean'])}, std {tuple(norm['std'])})", soft_wrap=True)
+    standard = meta.get("standard")
+    if standard is None:
+        return
+    console.print(f"{standard['file']} is a released teacher ({standard['arch']}, {standard['dataset']}): "
+                  f"{standard['published_accuracy']:.2f}% published ({standard['source']})", soft_wrap=True)
+    mismatch = (standard["dataset"], standard["arch"]) != (spec.name, arch)
+    if mismatch or (measured is not None and abs(measured - standard["published_accuracy"]) > PUBLISHED_TOLERANCE):
+        what = (f"it was imported as {arch} for {spec.name}" if mismatch else
+                f"measured {measured:.2f}% differs from the published {standard['published_accuracy']:.2f}% by more "
+                f"than {PUBLISHED_TOLERANCE} points")
+        err_console.print(f"[yellow]warning:[/] {escape(what)}: check the file, --arch/--dataset and the "
+                          "normalization (--mean/--std)", highlight=False, soft_wrap=True)
 
 
 @teacher.command("list")

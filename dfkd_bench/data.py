@@ -30,7 +30,11 @@ def data_root() -> Path:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What the runner and methods may know about a dataset: its shape and normalization."""
+    """What the runner and methods may know about a dataset: its shape and normalization.
+
+    ``mean``/``std`` (per channel, for pixels in [0, 1]) are the normalization a teacher trained here
+    uses by default; a run uses its teacher's, recorded in the teacher's sidecar
+    (:func:`dfkd_bench.teachers.teacher_normalization`)."""
 
     name: str
     num_classes: int
@@ -233,9 +237,13 @@ CIFAR100_CLASSES = tuple("""
     tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
 
 _register(DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), _load_fashion_mnist, FASHION_MNIST_CLASSES))
-_register(DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+# CIFAR: the normalization under which the released teachers (CMI's cifar10_resnet34.pth, ...) were trained
+# and under which CMI, Fast, CSD, NAYER and their forks evaluate and invert them (zju-vipa/CMI registry.py:17-20,
+# NORMALIZE_DICT). Its CIFAR-10 std is not the dataset's pixel std (0.2470, 0.2435, 0.2616): the field's
+# teachers expect this one, so every CIFAR teacher trained here uses it too and stays interchangeable with them.
+_register(DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
                       _cifar_loader(_CIFAR10, 10), CIFAR10_CLASSES))
-_register(DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+_register(DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
                       _cifar_loader(_CIFAR100, 100), CIFAR100_CLASSES))
 
 
@@ -246,6 +254,7 @@ class Normalizer(torch.nn.Module):
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
+        self.values = {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}  # as recorded
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 

@@ -28,7 +28,7 @@ from .augment import crop_flip
 from .batches import batch_source
 from .build import StudentLoss, build_loss, build_method, build_models, build_optimizer, build_pool, build_scheduler
 from .config import RunConfig
-from .data import Normalizer, get_dataset, sealed
+from .data import get_dataset, sealed
 from .errors import DfkdError, NonFiniteError
 from .method import Outputs, SynthContext
 from .registry import SYNTHESIZERS
@@ -46,16 +46,16 @@ class Runner:
         self.ranks = distributed.for_run()  # one process, or this rank's view of a data-parallel run
         self.folder = self.ranks.folder(RunFolder(self.run_dir))
         self.reporter = reporter or SilentReporter()
-        self.spec = spec = get_dataset(cfg.dataset)
-        self.device = self.ranks.device(select_device(cfg.device))
+        self.spec, self.device = (spec := get_dataset(cfg.dataset)), self.ranks.device(select_device(cfg.device))
         batch_size = self.ranks.share(cfg.batch_size, "batch_size")
         # autocast on CUDA; on CPU only when asked (amp_cpu), so the AMP path can be tested without a GPU
         self.amp = cfg.amp and (self.device.type == "cuda" or cfg.amp_cpu)
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
         self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict())
         seed_everything(cfg.seed)
-        self.teacher, self.teacher_meta, self.student = build_models(cfg, spec, teacher_store, self.device)
-        self.normalizer, (self.test_x, self.test_y) = Normalizer(spec.mean, spec.std).to(self.device), spec.load("test")
+        models = build_models(cfg, spec, teacher_store, self.device)
+        self.teacher, self.teacher_meta, self.student, self.normalizer = models
+        self.test_x, self.test_y = spec.load("test")
         if self.teacher_meta.get("test_accuracy") is None:
             self.teacher_meta["test_accuracy"] = self._accuracy(self.teacher)
         if cfg.sync_bn_stats:
@@ -249,7 +249,8 @@ class Runner:
         """Write the end-of-run files (the summary last) and return the summary."""
         summary = run_summary(self.cfg, status, reason, self.folder.metrics(), self.counters, self.teacher_meta,
                               student_arch=getattr(self.student, "dfkd_name", None), ranks=self.ranks.summary(self.cfg),
-                              device=device_name(self.device), amp_dtype=self.cfg.amp_dtype if self.amp else None)
+                              device=device_name(self.device), amp_dtype=self.cfg.amp_dtype if self.amp else None,
+                              normalization=self.normalizer.values)
         self.folder.write_outputs(summary, student=self.student.state_dict() if status != "failed" else None,
                                   samples=self.batches.samples(),
                                   pool=self.pool.state_dict() if self.cfg.synthesis_only else None)

@@ -135,7 +135,7 @@ def budget_reached(cfg: Any, counters: Counters) -> str | None:
 
 def run_summary(cfg: Any, status: str, reason: str | None, metrics: list[dict[str, Any]], counters: Counters,
                 teacher: dict[str, Any], student_arch: str | None, ranks: dict[str, Any], device: str,
-                amp_dtype: str | None) -> dict[str, Any]:
+                amp_dtype: str | None, normalization: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """``summary.json``: status, what the run was made of (config names, the teacher's sha256), the
     score (the last epoch's accuracy) beside the best epoch, the counters, and provenance."""
     from .runtime import git_commit, versions
@@ -150,7 +150,7 @@ def run_summary(cfg: Any, status: str, reason: str | None, metrics: list[dict[st
         "best_acc": round(c.best_acc, 4) if c.best_acc >= 0 else None,
         "best_epoch": c.best_epoch if c.best_epoch >= 0 else None,
         "teacher_acc": teacher.get("test_accuracy"), "teacher_sha256": teacher.get("sha256"),
-        "teacher_path": teacher.get("path"),
+        "teacher_path": teacher.get("path"), "normalization": normalization,
         "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
         "synth_seconds": round(c.synth_seconds, 2), "distill_seconds": round(c.distill_seconds, 2),
         "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),

@@ -8,6 +8,7 @@ or ``./teachers``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -174,7 +175,7 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
     if cfg.limit:
         train_x, train_y = train_x[:cfg.limit], train_y[:cfg.limit]
     test_x, test_y = spec.load("test")
-    norm = Normalizer(spec.mean, spec.std).to(dev)
+    norm = Normalizer(spec.mean, spec.std).to(dev)  # what the sidecar records as the teacher's normalization
     aug = crop_flip(spec.image_size).to(dev) if cfg.augment else nn.Identity()
     steps_per_epoch = max(1, len(train_x) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -244,6 +245,7 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
         "in_chans": spec.channels,
         "image_size": spec.image_size,
         "test_accuracy": round(acc, 2),
+        "normalization": norm.values,
         "epoch_accuracies": history,
         "sha256": sha256_file(ckpt),
         "stored_dtype": "float16" if cfg.half else "float32",
@@ -457,12 +459,55 @@ def convert_cmi_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> 
 IMPORT_FORMATS = {"cmi": convert_cmi_state_dict, "native": lambda state, model: state}
 
 
+# The teachers the CMI authors released (zju-vipa/CMI README, "Pretrained teachers"; reused by Fast-Datafree,
+# CSD, NAYER, CPNet, AdaDFKD and others): file name -> (dataset, architecture, the accuracy in % that README gives).
+STANDARD_TEACHERS: dict[str, tuple[str, str, float]] = {
+    "cifar10_resnet34.pth": ("cifar10", "resnet34", 95.70),
+    "cifar10_vgg11.pth": ("cifar10", "vgg11", 92.25),
+    "cifar10_wrn_40_2.pth": ("cifar10", "wrn40_2", 94.87),
+    "cifar100_resnet34.pth": ("cifar100", "resnet34", 78.05),
+    "cifar100_vgg11.pth": ("cifar100", "vgg11", 71.32),
+    "cifar100_wrn_40_2.pth": ("cifar100", "wrn40_2", 75.83),
+}
+STANDARD_SOURCE = "zju-vipa/CMI README (pretrained teachers)"
+PUBLISHED_TOLERANCE = 0.5  # points: a larger gap means another normalization, another file, or other test data
+
+
+def teacher_normalization(meta: dict[str, Any], spec: DatasetSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a teacher expects its [0, 1] pixels normalized with: its sidecar's ``normalization``,
+    else (sidecars written before it was recorded) its dataset's, which is what those teachers were trained with."""
+    recorded = meta.get("normalization")
+    if recorded:
+        return tuple(recorded["mean"]), tuple(recorded["std"])
+    return tuple(spec.mean), tuple(spec.std)
+
+
+def check_normalization(mean: tuple[float, ...], std: tuple[float, ...], spec: DatasetSpec) -> None:
+    """Raises :class:`DfkdError` unless ``mean`` and ``std`` hold one finite value per channel and std > 0."""
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != spec.channels or not all(math.isfinite(v) for v in values):
+            raise DfkdError(f"--{name} needs {spec.channels} finite number(s) for {spec.name}, got "
+                            f"{','.join(map(str, values))}")
+    if not all(v > 0 for v in std):
+        raise DfkdError(f"--std must be positive, got {','.join(map(str, std))}")
+
+
 def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Path,
-                   device: str = "auto", force: bool = False) -> dict[str, Any]:
+                   device: str = "auto", force: bool = False, mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None) -> dict[str, Any]:
     """Convert a foreign teacher checkpoint, verify every tensor maps, measure it, store it. A teacher
-    already stored for (dataset, arch) is replaced only with ``force`` (else :class:`DfkdError`)."""
+    already stored for (dataset, arch) is replaced only with ``force`` (else :class:`DfkdError`).
+
+    The sidecar records the normalization the checkpoint was trained with: ``mean``/``std`` when given,
+    else the dataset's (for CIFAR, the released teachers'); the test accuracy is measured under it. A file
+    named as one of :data:`STANDARD_TEACHERS` also gets ``standard``: what it is and its published accuracy.
+    """
     if fmt not in IMPORT_FORMATS:
         raise DfkdError(f"unknown import format '{fmt}' (valid: {', '.join(IMPORT_FORMATS)})")
+    if (mean is None) != (std is None):
+        raise DfkdError("--mean and --std go together: give both, or neither for the dataset's normalization")
+    mean, std = (tuple(mean), tuple(std)) if mean is not None else (tuple(spec.mean), tuple(spec.std))
+    check_normalization(mean, std, spec)
     resolved = resolve_model_name(arch, spec.image_size)
     refuse_replacing(teacher_paths(store, spec.name, resolved)[0], force)
     model = create_model(arch, spec.num_classes, spec.channels, spec.image_size)
@@ -476,16 +521,20 @@ def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Pa
     if test_x is not None:
         dev = select_device(device)
         model.to(dev)
-        accuracy = round(evaluate(model, test_x, test_y, Normalizer(spec.mean, spec.std).to(dev), dev), 2)
+        accuracy = round(evaluate(model, test_x, test_y, Normalizer(mean, std).to(dev), dev), 2)
     ckpt, side = teacher_paths(store, spec.name, resolved)
     atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     sidecar = {
         "arch": resolved, "requested_arch": arch, "dataset": spec.name, "num_classes": spec.num_classes,
         "in_chans": spec.channels, "image_size": spec.image_size, "test_accuracy": accuracy,
-        "sha256": sha256_file(ckpt),
+        "normalization": Normalizer(mean, std).values, "sha256": sha256_file(ckpt),
         "imported_from": str(path), "import_format": fmt, "source_sha256": sha256_file(Path(path)),
         "command": f"dfkd-bench teacher import --format {fmt} {path} --arch {arch} --dataset {spec.name}",
         "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    standard = STANDARD_TEACHERS.get(Path(path).name)
+    if standard is not None:
+        sidecar["standard"] = {"file": Path(path).name, "dataset": standard[0], "arch": standard[1],
+                               "published_accuracy": standard[2], "source": STANDARD_SOURCE}
     atomic_write_json(side, sidecar)
     return sidecar

@@ -380,3 +380,78 @@ def test_every_shipped_teacher_matches_its_sidecar_and_loads(sidecar):
 
 def test_the_shipped_store_holds_the_paper_pair_teacher():
     assert {p.stem for p in SHIPPED if p.parent.name == "fashion-mnist"} >= {"wrn16_2", "cifar_resnet34"}
+
+
+# ---------------------------------------------------------------- the normalization belongs to the teacher
+
+AUTHORS_CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # zju-vipa/CMI registry.py:19
+
+
+def test_the_cifar_datasets_default_to_the_released_teachers_normalization():
+    assert (get_dataset("cifar10").mean, get_dataset("cifar10").std) == AUTHORS_CIFAR10
+    assert get_dataset("cifar100").std == (0.2675, 0.2565, 0.2761)
+
+
+def test_an_imported_cmi_checkpoint_is_measured_and_used_under_the_authors_normalization(cifar_root, tmp_path):
+    spec = get_dataset("cifar10")
+    keys = _cmi_wrn_keys(16, 1, 10, 3)
+    src = tmp_path / "cifar10_wrn_40_2.pth"  # a released teacher's name on another network: a warning, below
+    torch.save({"state_dict": _foreign_checkpoint(keys)}, src)
+    meta = import_teacher(src, "cmi", spec, "wrn16_1", tmp_path / "store")
+    assert meta["normalization"] == {"mean": list(AUTHORS_CIFAR10[0]), "std": list(AUTHORS_CIFAR10[1])}
+    model, loaded = load_teacher(spec, "wrn16_1", tmp_path / "store")
+    test_x, test_y = spec.load("test")
+    # the authors' transform: ToTensor then Normalize(mean, std), as their evaluation does
+    authors = Normalizer(*AUTHORS_CIFAR10)
+    assert meta["test_accuracy"] == round(evaluate(model, test_x, test_y, authors, torch.device("cpu")), 2)
+    # a run uses the recorded normalization, and says which
+    from helpers import tiny_runner
+
+    runner = tiny_runner("kd-noise", tmp_path / "run", tmp_path / "store",
+                         {"dataset": "cifar10", "teacher": "wrn16_1", "student": "wrn16_1"})
+    assert runner.normalizer.values == meta["normalization"]
+    assert torch.equal(runner.normalizer.std.flatten(), torch.tensor(AUTHORS_CIFAR10[1]))
+    summary = runner.run()
+    assert summary["normalization"] == meta["normalization"]
+    assert loaded["standard"]["published_accuracy"] == 94.87 and loaded["standard"]["arch"] == "wrn40_2"
+
+
+def test_import_records_a_given_normalization_and_the_run_follows_it(cifar_root, tmp_path):
+    spec = get_dataset("cifar10")
+    torch.save({"state_dict": _foreign_checkpoint(_cmi_wrn_keys(16, 1, 10, 3))}, tmp_path / "mine.pth")
+    given = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    meta = import_teacher(tmp_path / "mine.pth", "cmi", spec, "wrn16_1", tmp_path / "store", mean=given[0],
+                          std=given[1])
+    assert meta["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3} and "standard" not in meta
+    model, _ = load_teacher(spec, "wrn16_1", tmp_path / "store")
+    test_x, test_y = spec.load("test")
+    assert meta["test_accuracy"] == round(evaluate(model, test_x, test_y, Normalizer(*given), torch.device("cpu")), 2)
+    with pytest.raises(DfkdError, match="--std needs 3 finite number"):
+        import_teacher(tmp_path / "mine.pth", "cmi", spec, "wrn16_1", tmp_path / "s2", mean=(0.5,) * 3, std=(0.2,))
+    with pytest.raises(DfkdError, match="--mean and --std go together"):
+        import_teacher(tmp_path / "mine.pth", "cmi", spec, "wrn16_1", tmp_path / "s2", mean=(0.5,) * 3)
+
+
+def test_a_teacher_trained_here_records_its_normalization_and_a_shipped_sidecar_falls_back(cifar_root, tmp_path):
+    from dfkd_bench.teachers import teacher_normalization
+
+    spec = get_dataset("cifar10")
+    meta = train_teacher(spec, "wrn16_1", TeacherTrainConfig(epochs=1, batch_size=20, lr=0.05), tmp_path)
+    assert meta["normalization"] == {"mean": list(AUTHORS_CIFAR10[0]), "std": list(AUTHORS_CIFAR10[1])}
+    # the sidecars shipped with the project predate the field: their dataset's normalization, as trained
+    shipped = json.loads((SHIPPED_TEACHERS / "fashion-mnist" / "wrn16_2.json").read_text())
+    assert "normalization" not in shipped
+    assert teacher_normalization(shipped, get_dataset("fashion-mnist")) == ((0.2860,), (0.3530,))
+
+
+def test_importing_a_released_teacher_by_name_prints_the_published_accuracy_and_warns_on_a_gap(cifar_root, tmp_path):
+    torch.save({"state_dict": _foreign_checkpoint(_cmi_wrn_keys(16, 1, 10, 3))}, tmp_path / "cifar10_wrn_40_2.pth")
+    result = CliRunner().invoke(cli, ["teacher", "import", str(tmp_path / "cifar10_wrn_40_2.pth"), "--arch",
+                                      "wrn16_1", "--dataset", "cifar10", "--store", str(tmp_path / "store")])
+    assert result.exit_code == 0, result.output
+    assert "normalization mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.201)" in result.stdout
+    assert "is a released teacher (wrn40_2, cifar10): 94.87% published" in result.stdout
+    assert "warning: it was imported as wrn16_1 for cifar10" in result.stderr
+    bad = CliRunner().invoke(cli, ["teacher", "import", str(tmp_path / "cifar10_wrn_40_2.pth"), "--arch", "wrn16_1",
+                                   "--dataset", "cifar10", "--store", str(tmp_path / "s3"), "--mean", "0.5,0.5"])
+    assert_user_error(bad, "--mean and --std go together")
