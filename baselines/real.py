@@ -21,6 +21,10 @@ class _RealDataBaseline(Synthesizer):
     real_data_split = "train"
     uses_labels = True
 
+    @classmethod
+    def side_information(cls, cfg) -> str:
+        return "real training images and labels"
+
     @dataclass
     class Config(MethodSettings):
         pass

@@ -223,13 +223,14 @@ def methods() -> None:
 
     for title, baseline in (("methods", False), ("baselines (reference rows)", True)):
         table = Table(title=title)
-        for col in ("name", "summary", "loss", "presets", "defaults"):
+        for col in ("name", "summary", "uses besides the teacher", "loss", "presets", "defaults"):
             table.add_column(col, overflow="fold")
         for name, cls in SYNTHESIZERS.items():
             if cls.is_baseline != baseline:
                 continue
             defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config)) or "-"
-            table.add_row(name, cls.summary, cls.default_loss, ", ".join(presets_for(name)), defaults)
+            table.add_row(name, cls.summary, cls.side_information(cls.Config()), cls.default_loss,
+                          ", ".join(presets_for(name)), defaults)
         console.print(table)
     losses = Table(title="distillation losses")
     losses.add_column("loss")
@@ -301,6 +302,8 @@ def compare(root, fmt, output, at, memory) -> None:
         cols = [c for c in DISPLAY_COLUMNS if c in table.columns and (memory or c not in MEMORY_COLUMNS.values())]
         if "teacher sha256" in cols and table["teacher sha256"].nunique() <= 1:  # one checkpoint: it tells nothing
             cols.remove("teacher sha256")
+        if "side information" in cols and (table["side information"] == "none").all():  # the formats keep it
+            cols.remove("side information")
         for c in cols:
             out.add_column(c, overflow="fold")
         for _, row in table.iterrows():

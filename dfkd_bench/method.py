@@ -89,6 +89,13 @@ class Synthesizer(nn.Module):
     real_data_split: ClassVar[str | None] = None  # the runner fills the pool with this real split
     student_is_teacher: ClassVar[bool] = False  # evaluate the teacher itself, train nothing
 
+    @classmethod
+    def side_information(cls, cfg: Any) -> str:
+        """What the method uses besides the teacher (and the student it trains), under the settings ``cfg``
+        (its Config, or that Config's dict as config.json holds it): ``none``, or what, in a few words.
+        A fair table says so beside the score."""
+        return "none"
+
     def __init__(self, ctx: SynthContext, cfg: Any):
         super().__init__()
         self.ctx = ctx

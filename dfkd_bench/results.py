@@ -58,6 +58,7 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         return None
     row = {k: config.get(k) for k in GROUP_KEYS}
     row["settings"] = settings_beyond_preset(config)
+    row["side information"] = side_information(config)
     sha = summary.get("teacher_sha256")
     row["teacher sha256"] = sha[:12] if isinstance(sha, str) and sha else "?"  # "?": a summary that lacks it
     status, reason = summary["status"], summary.get("reason")
@@ -80,6 +81,16 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         **{k: summary.get(k) for k in MEMORY_FIELDS},  # absent in summaries written before they were recorded
     })
     return row
+
+
+def side_information(config: dict[str, Any]) -> str:
+    """What a run's method used besides the teacher (``Synthesizer.side_information``); '?' when its method
+    is not registered here."""
+    load_plugins()
+    try:
+        return SYNTHESIZERS.get(config["method"]).side_information(config.get("method_cfg") or {})
+    except Exception:  # an unknown method (a plugin not loaded), or a config.json of another version
+        return "?"
 
 
 def _finite_or_none(value: Any) -> bool:
@@ -218,6 +229,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         row = {
             **dict(zip(GROUP_KEYS, key)),
             "settings": key[GROUP_KEYS.index("settings")] or "preset",
+            "side information": g["side information"].iloc[0] if "side information" in g else "?",
             "acc (last epoch)": _fmt_mean_std(score),
             "95% CI": _fmt_ci(score),
             "n seeds": score.n,
@@ -248,7 +260,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-DISPLAY_COLUMNS = [k for k in GROUP_KEYS if k != "teacher sha256"] + [
+DISPLAY_COLUMNS = [k for k in GROUP_KEYS if k != "teacher sha256"] + ["side information",
     "acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best", "epochs at budget",
     "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s",
     "peak RSS MiB", "peak CUDA MiB"]

@@ -258,6 +258,13 @@ class NAYER(Synthesizer):
                 raise DfkdError(f"method.label_embeddings: no file {self.label_embeddings} "
                                 f"(give a file, or one of {', '.join(EMBEDDING_SOURCES)})")
 
+    @classmethod
+    def side_information(cls, cfg) -> str:
+        source = cfg["label_embeddings"] if isinstance(cfg, dict) else cfg.label_embeddings
+        if source == "text":
+            return f"class names embedded by a text encoder ({TEXT_MODEL})"
+        return "none" if source == "onehot" else f"label embeddings from {Path(source).name}"
+
     def __init__(self, ctx: SynthContext, cfg: Config):
         super().__init__(ctx, cfg)
         c, h, _ = ctx.image_shape

@@ -54,9 +54,10 @@ def test_methods_lists_every_method_with_its_summary():
     for name, cls in SYNTHESIZERS.items():
         assert rows[name][1] == cls.summary
     assert rows["deepinversion"][1] == SYNTHESIZERS.get("deepinversion").summary
-    assert rows["deepinversion"][2] == "kl"
-    assert "quick" in rows["deepinversion"][3] and "paper" in rows["deepinversion"][3]
-    assert "g_steps=1000" in rows["deepinversion"][4]  # the published default, not a preset's
+    assert rows["deepinversion"][2] == "none"  # what it uses besides the teacher
+    assert rows["deepinversion"][3] == "kl"
+    assert "quick" in rows["deepinversion"][4] and "paper" in rows["deepinversion"][4]
+    assert "g_steps=1000" in rows["deepinversion"][5]  # the published default, not a preset's
     assert "kl" in _table_rows(losses_part)
 
 
@@ -175,8 +176,8 @@ def test_compare_markdown_has_the_run_row(cli_run):
     # one seed: the score has no spread, no interval and no significance mark
     # the tiny run's --set values differ from the quick preset: they are named, so variants never pool
     settings = "batch_size=8, ep_steps=2, epochs=2, kd_steps=1, synth_batch_size=8, method.g_steps=2"
-    row = (f"| {TINY} | wrn16_1 | wrn16_1 | deepinversion | kl | quick | {settings} | {summary['final_acc']:.2f} "
-           "± n/a | n/a | 1 | n/a |")
+    row = (f"| {TINY} | wrn16_1 | wrn16_1 | deepinversion | kl | quick | {settings} | none | "
+           f"{summary['final_acc']:.2f} ± n/a | n/a | 1 | n/a |")
     assert sum(line.startswith(row) for line in lines) == 1
     assert len(lines) == 5  # header, separator, one row, a blank line, the note on the statistics
     assert "Welch's t-test" in lines[-1]
@@ -233,7 +234,7 @@ def test_every_epoch_and_the_summary_record_peak_memory(cli_run):
     assert "peak CUDA" not in shown.stdout  # no run measured one
     assert _table_rows(shown.stdout)[TINY][-1] == f"{summary['peak_rss_mb']:.0f}"
     markdown = invoke("compare", output, "--format", "markdown").stdout
-    assert "peak RSS MiB" in markdown.splitlines()[0]
+    assert "peak RSS MiB" in markdown.splitlines()[0] and "side information" in markdown.splitlines()[0]
 
 
 def test_peak_memory_reads_and_resets_the_cuda_peak_per_call(monkeypatch):

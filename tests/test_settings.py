@@ -245,3 +245,17 @@ def test_the_package_has_no_import_cycle_and_the_cli_holds_no_run_logic():
     # the Ray backend ships plans and calls the library; the command line never builds a Runner itself
     assert "cli" not in graph["backends"] and "api" in graph["backends"]
     assert "engine" not in graph["cli"] and "api" in graph["cli"]
+
+
+# ---------------------------------------------------------------- what a method uses besides the teacher
+
+def test_side_information_says_what_each_method_uses_besides_the_teacher():
+    from dfkd_bench.results import side_information
+
+    assert side_information({"method": "deepinversion", "method_cfg": {}}) == "none"
+    assert side_information({"method": "kd-real"}) == "real training images and labels"
+    assert "text encoder" in side_information({"method": "nayer", "method_cfg": {"label_embeddings": "text"}})
+    assert side_information({"method": "nayer", "method_cfg": {"label_embeddings": "onehot"}}) == "none"
+    assert side_information({"method": "no-such-method"}) == "?"
+    listed = CliRunner().invoke(cli, ["methods"]).stdout
+    assert "uses besides the teacher" in listed and "real training images" in listed

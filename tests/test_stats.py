@@ -194,7 +194,7 @@ def test_compare_table_and_markdown_state_the_test(tree):
     assert table.exit_code == 0
     assert "Welch's t-test" in table.stdout and "p < 0.05" in table.stdout
     markdown = CliRunner().invoke(cli, ["compare", str(tree), "--format", "markdown"]).stdout
-    assert "| cmi | kl | cpu | preset | 88.23 ± 0.35 |" in markdown  # mean and std of 87.9, 88.6, 88.2
+    assert "| cmi | kl | cpu | preset | none | 88.23 ± 0.35 |" in markdown  # mean and std of 87.9, 88.6, 88.2
     assert "Welch's t-test" in markdown.strip().splitlines()[-1]
     assert "Welch's t-test" in CliRunner().invoke(cli, ["compare", str(tree), "--format", "latex"]).stdout
 
