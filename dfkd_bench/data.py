@@ -44,6 +44,11 @@ class DatasetSpec:
     std: tuple[float, ...]
     loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]
     class_names: tuple[str, ...] = ()  # in label order; empty when unknown (NAYER embeds them as text)
+    names_loader: Callable[[], tuple[str, ...]] | None = None  # names read from the data when it is there
+
+    def names(self) -> tuple[str, ...]:
+        """The class names in label order: the fixed ones, else those the data folder holds, else ()."""
+        return self.class_names or (self.names_loader() if self.names_loader else ())
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -220,6 +225,94 @@ def _download_cifar(layout: _CifarLayout, root: Path) -> None:
                         "$DFKD_BENCH_DATA or ./data") from None
 
 
+# ---------------------------------------------------------------- Tiny-ImageNet (the cs231n folder layout)
+
+TINY_IMAGENET = "tiny-imagenet-200"
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _tiny_imagenet_files(folder: Path, split: str) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """(image path, label) in the authors' order and the class names: classes are the sorted wnids of
+    ``wnids.txt``; train reads ``train/<wnid>/images/*``, test reads ``val/images/*`` labelled by
+    ``val/val_annotations.txt``, each sorted by file name (NAYER datafree/datasets/tiny_imagenet.py:77-112)."""
+    wnids = sorted(line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip())
+    index = {w: i for i, w in enumerate(wnids)}
+    words = {}
+    if (folder / "words.txt").is_file():
+        for line in (folder / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid] = text.split(",")[0].strip()
+    names = tuple(words.get(w, w) for w in wnids)
+    files: list[tuple[Path, int]] = []
+    if split == "train":
+        for wnid in wnids:
+            images = folder / "train" / wnid / "images"
+            if not images.is_dir():
+                raise DfkdError(f"Tiny-ImageNet in {folder} is incomplete: no {images}")
+            files += [(p, index[wnid]) for p in sorted(images.iterdir()) if p.is_file()]
+    else:
+        annotations = folder / "val" / "val_annotations.txt"
+        if not annotations.is_file():
+            raise DfkdError(f"Tiny-ImageNet in {folder} is incomplete: no {annotations}")
+        label_of = {}
+        for line in annotations.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 2:
+                if parts[1] not in index:
+                    raise DfkdError(f"{annotations} names class {parts[1]}, which {folder / 'wnids.txt'} lacks")
+                label_of[parts[0]] = index[parts[1]]
+        for p in sorted((folder / "val" / "images").iterdir()):
+            if p.name not in label_of:
+                raise DfkdError(f"{annotations} has no class for {p.name}")
+            files.append((p, label_of[p.name]))
+    return files, names
+
+
+def _load_tiny_imagenet(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiny-ImageNet's train (100k) or val (10k, the test split here) images as uint8 (N, 3, 64, 64); the
+    decoded split is cached beside the images (``dfkd-<split>.pt``) so later runs skip the JPEG decoding."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .runtime import atomic_torch_save, safe_load
+
+    folder = root / TINY_IMAGENET
+    if not (folder / "wnids.txt").is_file():
+        raise DfkdError(f"Tiny-ImageNet not found: unzip {TINY_IMAGENET_URL} so that {folder / 'wnids.txt'} exists "
+                        "(the data root is ./data or $DFKD_BENCH_DATA)")
+    files, _ = _tiny_imagenet_files(folder, split)
+    cache = folder / f"dfkd-{split}.pt"
+    if cache.is_file():
+        data = safe_load(cache, "Tiny-ImageNet cache (delete it to decode the images again)")
+        if isinstance(data, dict) and len(data.get("labels", ())) == len(files):
+            return data["images"], data["labels"]
+    images = torch.empty(len(files), 3, 64, 64, dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as img:  # some of its JPEGs are grayscale: every image as RGB
+                pixels = np.array(img.convert("RGB"))  # a writable copy
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DfkdError(f"cannot decode {path}: {str(exc).splitlines()[0][:120]}") from None
+        if pixels.shape != (64, 64, 3):
+            raise DfkdError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels; Tiny-ImageNet images are 64x64")
+        images[i] = torch.from_numpy(pixels).permute(2, 0, 1)
+    labels = torch.tensor([label for _, label in files], dtype=torch.long)
+    try:
+        atomic_torch_save(cache, {"images": images, "labels": labels})
+    except DfkdError:
+        pass  # a read-only data folder: decode again next time
+    return images, labels
+
+
+def _tiny_imagenet_names() -> tuple[str, ...]:
+    """The class names when the data is present (NAYER's text embeddings need them), else none."""
+    folder = data_root() / TINY_IMAGENET
+    try:
+        return _tiny_imagenet_files(folder, "test")[1] if (folder / "wnids.txt").is_file() else ()
+    except (DfkdError, OSError):
+        return ()
+
+
 def _register(spec: DatasetSpec) -> None:
     DATASETS.register(spec, name=spec.name)
 
@@ -245,6 +338,11 @@ _register(DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0
                       _cifar_loader(_CIFAR10, 10), CIFAR10_CLASSES))
 _register(DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
                       _cifar_loader(_CIFAR100, 100), CIFAR100_CLASSES))
+# Tiny-ImageNet: 64 px, 200 classes; the val split is the test set (the test split has no labels). Normalized
+# as the reference code's `tiny_imagenet` entry does, mean 0.5 and std 0.5 per channel (zju-vipa/CMI
+# registry.py:31 and 320-334; NAYER registry.py:32 and 308), not with ImageNet's statistics.
+_register(DatasetSpec("tiny-imagenet", 200, 3, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _load_tiny_imagenet,
+                      names_loader=_tiny_imagenet_names))
 
 
 # ---------------------------------------------------------------- shared helpers

@@ -62,7 +62,7 @@ class Runner:
             self.ranks.sync_bn_statistics(self.teacher)
         self.method = build_method(cfg, method_cfg, SynthContext(
             self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer, self.device,
-            self.ranks.share(cfg.synth_batch_size, "synth_batch_size"), self.amp, class_names=spec.class_names,
+            self.ranks.share(cfg.synth_batch_size, "synth_batch_size"), self.amp, class_names=spec.names(),
             lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, amp_dtype=self.amp_dtype))
         self.loss_fn = build_loss(cfg, loss_cfg, self.teacher, self.student, spec, self.device)
         self.params = list(self.student.parameters()) + list(self.loss_fn.parameters())
