@@ -93,12 +93,12 @@ def default_run_name(cfg: RunConfig) -> str:
 
 def teacher_headline(spec: Any, arch: str, store: Path | None = None) -> str:
     """The line that opens a teacher training; with ``store``, it says the run found no teacher there."""
-    from .zoo import resolve_model_name
+    from .teachers import stored_name
 
-    what = f"training {resolve_model_name(arch, spec.image_size)} on the {spec.name} training set"
+    name = stored_name(arch, spec.image_size)
+    what = f"training {name} on the {spec.name} training set"
     if store is not None:
-        what = (f"no {resolve_model_name(arch, spec.image_size)} teacher for {spec.name} in {store}, {what} "
-                "(--no-train-teacher refuses instead)")
+        what = f"no {name} teacher for {spec.name} in {store}, {what} (--no-train-teacher refuses instead)"
     return what
 
 
@@ -116,7 +116,7 @@ def ensure_teacher(cfg: RunConfig, store: Path | None, train: bool,
     """
     from .data import get_dataset
     from .distributed import launched_world_size
-    from .teachers import default_store, default_train_config, find_teacher, load_teacher, train_teacher
+    from .teachers import default_store, default_train_config, find_teacher, load_teacher, train_teacher, variant_seed
 
     if cfg.teacher_checkpoint:
         return
@@ -124,9 +124,10 @@ def ensure_teacher(cfg: RunConfig, store: Path | None, train: bool,
     store = Path(store) if store else default_store()
     if find_teacher(spec, cfg.teacher, store) is not None:
         return
-    if not train or launched_world_size() > 1:
+    seed = variant_seed(cfg.teacher)  # wrn16_2@s3: the recipe with seed 3; a named variant is imported, not trained
+    if not train or launched_world_size() > 1 or seed is None:
         load_teacher(spec, cfg.teacher, store)  # raises the one-line error naming the command
-    recipe = default_train_config(cfg.dataset)
+    recipe = default_train_config(cfg.dataset, seed=seed)
     reporter = progress(teacher_headline(spec, cfg.teacher, store), recipe) if progress else None
     train_teacher(spec, cfg.teacher, recipe, store, device=cfg.device, progress=reporter)
 

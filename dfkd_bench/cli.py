@@ -359,7 +359,9 @@ def _csv_list(value: str, cast=str) -> list:
 @click.option("--methods", "method_list", required=True, help="Comma-separated methods/baselines.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--dataset", default=DEFAULTS.dataset, show_default=True)
-@click.option("--teacher", default=DEFAULTS.teacher, show_default=True)
+@click.option("--teacher", "--teachers", "teachers", default=DEFAULTS.teacher, show_default=True,
+              help="Comma-separated teachers (variants too: wrn16_2,wrn16_2@s1,wrn16_2@s2); every method and seed "
+                   "runs with each.")
 @click.option("--student", default=None, help=STUDENT_HELP)
 @click.option("--preset", default="quick", show_default=True)
 @click.option("--loss", default=None, help="Distillation loss for every method (default: each method's own).")
@@ -375,7 +377,7 @@ def _csv_list(value: str, cast=str) -> list:
 @click.option("--cpus-per-run", type=click.IntRange(min=1), default=None, help="Ray: CPUs per run [1].")
 @click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None, help="Ray: GPUs per run [0].")
 @click.option("--train-teacher/--no-train-teacher", default=True, show_default=True, help="As for `run`.")
-def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignments, budgets, output,
+def sweep(method_list, seeds, dataset, teachers, student, preset, loss, assignments, budgets, output,
           teacher_store, device, backend, address, cpus_per_run, gpus_per_run, train_teacher) -> None:
     """Run a grid of methods x seeds (one after another, or on Ray), then print the compare table;
     finished runs are skipped, interrupted ones resume."""
@@ -394,7 +396,7 @@ def sweep(method_list, seeds, dataset, teacher, student, preset, loss, assignmen
     # every run is planned (and so checked) before anything runs
     plans = [plan_run(name, preset, overrides, loss=loss, output=output, dataset=dataset, teacher=teacher,
                       student=student, seed=seed, device=device)
-             for name in _csv_list(method_list) for seed in _csv_list(seeds, int)]
+             for teacher in _csv_list(teachers) for name in _csv_list(method_list) for seed in _csv_list(seeds, int)]
     _print_notes(tuple(dict.fromkeys(note for plan in plans for note in plan.notes)))
     with _progress() as progress:  # each teacher once, before any run starts (parallel tasks would each train it)
         for plan in {(p.cfg.dataset, p.cfg.teacher, p.cfg.teacher_checkpoint): p for p in plans}.values():
@@ -438,30 +440,36 @@ def teacher() -> None:
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help=f"Peak (one-cycle) or initial (multistep) learning rate; {_recipe_help('lr')[0].lower()}"
                    f"{_recipe_help('lr')[1:]}")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Training seed; a seed N other than 0 stores the variant ARCH@sN beside the others.")
+@click.option("--variant", default=None, help="Store as ARCH@VARIANT (default: sN for --seed N > 0, else none).")
 @click.option("--limit", default=None, type=click.IntRange(min=0), help="Use only the first N training images.")
 @click.option("--half", is_flag=True, default=None, help="Store float16 weights (half the file; loads as float32).")
 @click.option("--store", type=click.Path(path_type=Path), default=None,
               help="Teacher store (default: $DFKD_BENCH_TEACHERS or ./teachers).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a teacher already stored for (dataset, arch).")
-def teacher_train(dataset, arch, epochs, batch_size, lr, seed, limit, half, store, device, force) -> None:
+def teacher_train(dataset, arch, epochs, batch_size, lr, seed, variant, limit, half, store, device, force) -> None:
     """Train a teacher on the real training set and store it with its sidecar.
 
     Every epoch but the last leaves a checkpoint; the same command resumes an interrupted training.
     """
     from .api import teacher_headline
     from .data import get_dataset
-    from .teachers import default_store, default_train_config, train_teacher
+    from .teachers import default_store, default_train_config, split_teacher, train_teacher
 
     spec = get_dataset(dataset)
     store = store or default_store()
+    if "@" not in arch and (variant or seed):
+        arch = f"{arch}@{variant or f's{seed}'}"
+    split_teacher(arch)  # a bad variant name: one line
     cfg = default_train_config(dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
                                half=half)
     with _progress() as progress:
         meta = train_teacher(spec, arch, cfg, store, device=device, force=force,
                              progress=_TeacherProgress(progress, teacher_headline(spec, arch), cfg))
-    console.print(f"stored {meta['arch']} for {dataset}: test accuracy {meta['test_accuracy']:.2f}%, "
+    name = f"{meta['arch']}@{meta['variant']}" if meta.get("variant") else meta["arch"]
+    console.print(f"stored {name} for {dataset}: test accuracy {meta['test_accuracy']:.2f}%, "
                   f"sha256 {meta['sha256'][:16]}..., in {store / dataset}")
 
 
@@ -519,7 +527,8 @@ def fmt_duration(seconds: float) -> str:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="cmi", show_default=True,
               help="cmi: the CMI/Fast/CSD code's {'state_dict': ...} layout; native: this zoo's keys.")
-@click.option("--arch", required=True)
+@click.option("--arch", required=True, help="Zoo or timm model name; ARCH@VARIANT stores a named variant beside "
+                                           "the others (e.g. wrn40_2@released).")
 @click.option("--dataset", required=True)
 @click.option("--store", type=click.Path(path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
@@ -568,12 +577,12 @@ def teacher_list(store) -> None:
         console.print(f"no teachers in {store}")
         return
     table = Table(title=f"teachers in {store}")
-    for col in ("dataset", "arch", "test acc", "epochs", "sha256", "path"):
+    for col in ("dataset", "arch", "variant", "test acc", "epochs", "sha256", "path"):
         table.add_column(col)
     for m in rows:
-        table.add_row(m.get("dataset", "?"), m.get("arch", "?"), _fmt_acc(m.get("test_accuracy")),
-                      str(m.get("train_settings", {}).get("epochs", "?")), str(m.get("sha256", ""))[:12],
-                      m["path"])
+        table.add_row(m.get("dataset", "?"), m.get("arch", "?"), m.get("variant") or "-",
+                      _fmt_acc(m.get("test_accuracy")), str(m.get("train_settings", {}).get("epochs", "?")),
+                      str(m.get("sha256", ""))[:12], m["path"])
     console.print(table)
 
 

@@ -79,7 +79,9 @@ class RunConfig:
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The settable fields of a dataclass and their types (class variables such as ``scope`` are not)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def parse_value(raw: Any, typ: Any, key: str) -> Any:

@@ -150,7 +150,7 @@ def run_summary(cfg: Any, status: str, reason: str | None, metrics: list[dict[st
         "best_acc": round(c.best_acc, 4) if c.best_acc >= 0 else None,
         "best_epoch": c.best_epoch if c.best_epoch >= 0 else None,
         "teacher_acc": teacher.get("test_accuracy"), "teacher_sha256": teacher.get("sha256"),
-        "teacher_path": teacher.get("path"), "normalization": normalization,
+        "teacher_path": teacher.get("path"), "teacher_variant": teacher.get("variant"), "normalization": normalization,
         "images": c.images, "teacher_passes": c.teacher_passes, "kd_steps": c.kd_steps,
         "synth_seconds": round(c.synth_seconds, 2), "distill_seconds": round(c.distill_seconds, 2),
         "eval_seconds": round(c.eval_seconds, 2), "total_seconds": round(c.elapsed, 2),

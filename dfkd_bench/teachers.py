@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,18 +102,52 @@ def partial_path(store: Path, dataset: str, arch: str) -> Path:
     return Path(store) / dataset / f"{arch}.partial.pt"
 
 
+VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def split_teacher(name: str) -> tuple[str, str | None]:
+    """``wrn16_2@s1`` -> ``("wrn16_2", "s1")``; ``wrn16_2`` -> ``("wrn16_2", None)``. A variant tells apart
+    teachers of one (dataset, architecture): ``s<N>`` is the one ``teacher train --seed N`` stores.
+
+    Raises:
+        DfkdError: a variant that is empty or holds other characters than letters, digits, ``_ . -``.
+    """
+    arch, sep, variant = name.partition("@")
+    if sep and not VARIANT.fullmatch(variant):
+        raise DfkdError(f"teacher '{name}': a variant after '@' is letters, digits, '_', '.' or '-' (e.g. wrn16_2@s1)")
+    return arch, (variant if sep else None)
+
+
+def stored_name(name: str, image_size: int) -> str:
+    """The store's file stem of teacher ``name``: the zoo's resolved architecture, then ``@variant`` if any."""
+    arch, variant = split_teacher(name)
+    resolved = resolve_model_name(arch, image_size)
+    return f"{resolved}@{variant}" if variant else resolved
+
+
+def variant_seed(name: str) -> int | None:
+    """The training seed a ``s<N>`` variant names (0 for a plain name), else None."""
+    _, variant = split_teacher(name)
+    if variant is None:
+        return 0
+    return int(variant[1:]) if re.fullmatch(r"s[0-9]+", variant) else None
+
+
 def find_teacher(spec: DatasetSpec, arch: str, store: Path | None = None) -> Path | None:
-    """The stored checkpoint for (dataset, arch), or ``None`` when there is none."""
-    ckpt, _ = teacher_paths(Path(store) if store else default_store(), spec.name,
-                            resolve_model_name(arch, spec.image_size))
+    """The stored checkpoint for (dataset, teacher name), or ``None`` when there is none."""
+    ckpt, _ = teacher_paths(Path(store) if store else default_store(), spec.name, stored_name(arch, spec.image_size))
     return ckpt if ckpt.is_file() else None
 
 
 def train_command(dataset: str, arch: str, cfg: TeacherTrainConfig | None = None) -> str:
     """The ``teacher train`` command line; with ``cfg``, every option that departs from the recipe."""
-    cmd = f"dfkd-bench teacher train --dataset {dataset} --arch {arch}"
+    base, variant = split_teacher(arch)
+    seed = variant_seed(arch)
+    cmd = f"dfkd-bench teacher train --dataset {dataset} --arch {base}"
+    if variant is not None and seed is None:
+        cmd += f" --variant {variant}"
     if cfg is None:
-        return cmd
+        return cmd + (f" --seed {seed}" if seed else "")
     recipe = default_train_config(dataset)
     cmd += f" --epochs {cfg.epochs} --seed {cfg.seed}"
     for field, flag in (("batch_size", "--batch-size"), ("lr", "--lr"), ("limit", "--limit")):
@@ -166,11 +201,12 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
     progress = progress or TrainProgress()
     dev = select_device(device)
     seed_everything(cfg.seed)
-    resolved = resolve_model_name(arch, spec.image_size)
-    ckpt, side = teacher_paths(store, spec.name, resolved)
+    base, variant = split_teacher(arch)
+    resolved, name = resolve_model_name(base, spec.image_size), stored_name(arch, spec.image_size)
+    ckpt, side = teacher_paths(store, spec.name, name)
     refuse_replacing(ckpt, force)
-    partial = partial_path(store, spec.name, resolved)
-    model = create_model(arch, spec.num_classes, spec.channels, spec.image_size).to(dev)
+    partial = partial_path(store, spec.name, name)
+    model = create_model(base, spec.num_classes, spec.channels, spec.image_size).to(dev)
     train_x, train_y = spec.load("train")
     if cfg.limit:
         train_x, train_y = train_x[:cfg.limit], train_y[:cfg.limit]
@@ -239,6 +275,7 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
     atomic_torch_save(ckpt, state_dict)
     sidecar = {
         "arch": resolved,
+        "variant": variant,
         "requested_arch": arch,
         "dataset": spec.name,
         "num_classes": spec.num_classes,
@@ -378,12 +415,14 @@ def load_teacher(spec: DatasetSpec, arch: str, store: Path | None = None,
                  checkpoint: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The stored teacher for (dataset, arch), or the explicit ``checkpoint``; frozen, eval mode."""
     store = Path(store) if store else default_store()
-    resolved = resolve_model_name(arch, spec.image_size)
+    base, variant = split_teacher(arch)
+    resolved = resolve_model_name(base, spec.image_size)
     if checkpoint is None:
-        ckpt, side = teacher_paths(store, spec.name, resolved)
+        ckpt, side = teacher_paths(store, spec.name, stored_name(arch, spec.image_size))
         if not ckpt.is_file():
-            raise DfkdError(f"no {resolved} teacher for {spec.name} in {store}; create it with: "
-                            f"{train_command(spec.name, arch)}")
+            how = (f"create it with: {train_command(spec.name, arch)}" if variant_seed(arch) is not None else
+                   f"import it with: dfkd-bench teacher import FILE --arch {arch} --dataset {spec.name}")
+            raise DfkdError(f"no {stored_name(arch, spec.image_size)} teacher for {spec.name} in {store}; {how}")
         meta = read_json_object(side, "a teacher's sidecar; delete it or restore it") if side.is_file() else {}
     else:
         ckpt, meta = Path(checkpoint), {}
@@ -394,10 +433,10 @@ def load_teacher(spec: DatasetSpec, arch: str, store: Path | None = None,
     if meta.get("sha256") and digest != meta["sha256"]:
         raise DfkdError(f"{ckpt} does not match the sha256 in its sidecar (truncated or replaced?); "
                         f"retrain it with: {train_command(spec.name, arch)}")
-    model = create_model(arch, spec.num_classes, spec.channels, spec.image_size)
+    model = create_model(base, spec.num_classes, spec.channels, spec.image_size)
     load_weights(model, load_state_dict(ckpt), str(ckpt), resolved)
     model.eval().requires_grad_(False)
-    meta = {**meta, "arch": resolved, "path": str(ckpt), "sha256": digest}
+    meta = {**meta, "arch": resolved, "variant": variant, "path": str(ckpt), "sha256": digest}
     return model, meta
 
 
@@ -508,9 +547,10 @@ def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Pa
         raise DfkdError("--mean and --std go together: give both, or neither for the dataset's normalization")
     mean, std = (tuple(mean), tuple(std)) if mean is not None else (tuple(spec.mean), tuple(spec.std))
     check_normalization(mean, std, spec)
-    resolved = resolve_model_name(arch, spec.image_size)
-    refuse_replacing(teacher_paths(store, spec.name, resolved)[0], force)
-    model = create_model(arch, spec.num_classes, spec.channels, spec.image_size)
+    base, variant = split_teacher(arch)
+    resolved, name = resolve_model_name(base, spec.image_size), stored_name(arch, spec.image_size)
+    refuse_replacing(teacher_paths(store, spec.name, name)[0], force)
+    model = create_model(base, spec.num_classes, spec.channels, spec.image_size)
     state = IMPORT_FORMATS[fmt](load_state_dict(Path(path)), model)
     load_weights(model, state, str(path), resolved)
     accuracy = None
@@ -522,11 +562,12 @@ def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Pa
         dev = select_device(device)
         model.to(dev)
         accuracy = round(evaluate(model, test_x, test_y, Normalizer(mean, std).to(dev), dev), 2)
-    ckpt, side = teacher_paths(store, spec.name, resolved)
+    ckpt, side = teacher_paths(store, spec.name, name)
     atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     sidecar = {
-        "arch": resolved, "requested_arch": arch, "dataset": spec.name, "num_classes": spec.num_classes,
-        "in_chans": spec.channels, "image_size": spec.image_size, "test_accuracy": accuracy,
+        "arch": resolved, "variant": variant, "requested_arch": arch, "dataset": spec.name,
+        "num_classes": spec.num_classes, "in_chans": spec.channels, "image_size": spec.image_size,
+        "test_accuracy": accuracy,
         "normalization": Normalizer(mean, std).values, "sha256": sha256_file(ckpt),
         "imported_from": str(path), "import_format": fmt, "source_sha256": sha256_file(Path(path)),
         "command": f"dfkd-bench teacher import --format {fmt} {path} --arch {arch} --dataset {spec.name}",

@@ -283,6 +283,7 @@ def resolve_model_name(name: str, image_size: int) -> str:
 
 def paper_student(teacher: str) -> str | None:
     """The student the papers pair with ``teacher`` (``resnet34`` or ``cifar_resnet34`` -> ``resnet18``), or None."""
+    teacher = teacher.partition("@")[0]  # a teacher variant (wrn16_2@s1) pairs as its architecture
     small = SMALL_IMAGE_ALIASES.get(teacher, teacher)
     for paper_teacher, student in PAPER_STUDENTS.items():
         if SMALL_IMAGE_ALIASES.get(paper_teacher, paper_teacher) == small:

@@ -257,9 +257,9 @@ def test_teacher_list_shows_the_stored_teacher(tiny_store):
     result = invoke("teacher", "list", "--store", tiny_store)
     assert result.exit_code == 0, result.output
     rows = _table_rows(result.stdout)
-    assert rows[TINY][1] == "wrn16_1"
-    assert rows[TINY][2] == f"{sidecar['test_accuracy']:.2f}"
-    assert rows[TINY][4] == sidecar["sha256"][:12]
+    assert rows[TINY][1] == "wrn16_1" and rows[TINY][2] == "-"  # no variant
+    assert rows[TINY][3] == f"{sidecar['test_accuracy']:.2f}"
+    assert rows[TINY][5] == sidecar["sha256"][:12]
 
 
 def test_teacher_list_on_an_empty_store(tmp_path):

@@ -259,3 +259,8 @@ def test_side_information_says_what_each_method_uses_besides_the_teacher():
     assert side_information({"method": "no-such-method"}) == "?"
     listed = CliRunner().invoke(cli, ["methods"]).stdout
     assert "uses besides the teacher" in listed and "real training images" in listed
+
+
+def test_a_class_variable_of_the_settings_base_is_not_a_setting():
+    result = CliRunner().invoke(cli, ["run", "--method", "kd-noise", "--set", "method.scope=x", "--dry-run"])
+    assert_user_error(result, "unknown setting of method kd-noise 'scope' (valid: noise)")
