@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .config import RunConfig
 from .errors import DataAccessError, DfkdError
+from .results import LAST_K
 
 # Tables are wide; outside a terminal (logs, CI) rich would wrap them at 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 200
@@ -259,17 +260,20 @@ def _print_warnings(caught: list) -> None:
 @click.option("--memory", is_flag=True,
               help="Show each run's peak memory in the terminal table (peak RSS; peak CUDA allocation on GPU "
                    "runs); the md/csv/tex formats always carry it.")
-def compare(root, fmt, output, at, memory) -> None:
+@click.option("--last-k", "last_k", type=click.IntRange(min=1), default=None,
+              help=f"Show the stability column in the terminal table: each run's mean accuracy and its swing over "
+                   f"its last K epochs, averaged over seeds (the md/csv/tex formats always carry it, K={LAST_K}).")
+def compare(root, fmt, output, at, memory, last_k) -> None:
     """Compare every run folder below ROOT: last-epoch accuracy, mean ± std, 95% CI and n over seeds, and the
     methods not significantly worse than the best of their setting (Welch's t-test, p < 0.05)."""
     import warnings
 
     from .results import (
         BUDGET_COLUMNS,
-        DISPLAY_COLUMNS,
         MEMORY_COLUMNS,
         NOTE,
         collect,
+        display_columns,
         failed_runs,
         summarize,
         to_format,
@@ -289,7 +293,7 @@ def compare(root, fmt, output, at, memory) -> None:
             raise DfkdError(f"--at {at}: '{value}' is not a number") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        df = collect(root, at=budget)
+        df = collect(root, at=budget, last_k=last_k or LAST_K)
         table = summarize(df)
     _print_warnings(caught)
     if df.empty:
@@ -299,7 +303,8 @@ def compare(root, fmt, output, at, memory) -> None:
         what = f"accuracy at {at}" if at else "last-epoch test accuracy"
         out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds, 95% t-CI; best group: "
                           f"Welch's t-test vs the best, p < {ALPHA} = worse)", caption=NOTE, caption_justify="left")
-        cols = [c for c in DISPLAY_COLUMNS if c in table.columns and (memory or c not in MEMORY_COLUMNS.values())]
+        cols = [c for c in display_columns(table) if (memory or c not in MEMORY_COLUMNS.values())
+                and (last_k or not c.startswith("last-"))]
         if "teacher sha256" in cols and table["teacher sha256"].nunique() <= 1:  # one checkpoint: it tells nothing
             cols.remove("teacher sha256")
         if "side information" in cols and (table["side information"] == "none").all():  # the formats keep it

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from .errors import DfkdError  # noqa: E402
 from .registry import SYNTHESIZERS  # noqa: E402
-from .results import DISPLAY_COLUMNS, FINISHED, NOTE, collect, is_baseline, summarize, to_format  # noqa: E402
+from .results import FINISHED, NOTE, collect, display_columns, is_baseline, summarize, to_format  # noqa: E402
 from .rundir import METRICS, SAMPLES, read_metrics  # noqa: E402
 from .runtime import atomic_write_bytes  # noqa: E402
 
@@ -163,7 +163,7 @@ def _img(path: Path) -> str:
 
 
 def _write_html(out_dir: Path, table: pd.DataFrame, written: dict[str, list[Path]]) -> None:
-    shown = table[[c for c in DISPLAY_COLUMNS + EXTRA_COLUMNS if c in table.columns]] if not table.empty else table
+    shown = table[display_columns(table, EXTRA_COLUMNS)] if not table.empty else table
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>dfkd-bench report</title><style>",
         "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}",

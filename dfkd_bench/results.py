@@ -123,22 +123,43 @@ def settings_beyond_preset(config: dict[str, Any]) -> str:
     return ", ".join(diff)
 
 
-def collect(root: Path, at: tuple[str, float] | None = None) -> pd.DataFrame:
+LAST_K = 3  # epochs whose accuracy the stability column averages (the stability literature's "last epochs")
+
+
+def collect(root: Path, at: tuple[str, float] | None = None, last_k: int = LAST_K) -> pd.DataFrame:
     """One row per run folder below ``root``. With ``at=(budget, limit)``, the accuracy, best accuracy
     and counters are those of the last epoch that stayed within that budget (read from metrics.jsonl);
-    a run with no such epoch gets no score."""
+    a run with no such epoch gets no score. Each finished run also gets ``last_k_mean`` and ``last_k_std``:
+    the mean and sample std of its last ``last_k`` epochs' test accuracy (within the budget, with ``at``);
+    None when its metrics cannot be read."""
+    if last_k < 1:
+        raise DfkdError(f"--last-k must be at least 1, got {last_k}")
     rows = []
     for run_dir in find_runs(root):
         row = load_run(run_dir)
         if row is None:
             continue
-        if at is not None:
-            try:
-                row.update(_row_at(within_budget(read_metrics(run_dir / METRICS), *at)))
-            except DfkdError as exc:  # listed with the failed runs, never averaged
+        try:
+            records = read_metrics(run_dir / METRICS) if row["status"] in FINISHED or at is not None else []
+            if at is not None:
+                records = within_budget(records, *at)
+                row.update(_row_at(records))
+        except DfkdError as exc:  # listed with the failed runs, never averaged
+            if at is not None:
                 row.update(status=MALFORMED, reason=str(exc), final_acc=None)
+            records = []
+        row.update(_last_k(records, last_k))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _last_k(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    accs = [r["test_acc"] for r in records[-k:] if isinstance(r.get("test_acc"), (int, float))]
+    if not accs:
+        return {"last_k_mean": None, "last_k_std": None, "last_k": k}
+    mean = sum(accs) / len(accs)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+    return {"last_k_mean": mean, "last_k_std": std, "last_k": k}
 
 
 BUDGET_COLUMNS = {"images": "images", "teacher_passes": "teacher_passes", "seconds": "elapsed_seconds",
@@ -243,6 +264,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         }
         if "at_epoch" in g:
             row["epochs at budget"] = _epoch_span(g["at_epoch"])
+        if "last_k_mean" in g and g["last_k_mean"].notna().any():
+            # the mean over seeds of each run's last-k mean, ± the mean over seeds of each run's swing over them
+            stability = f"{g['last_k_mean'].mean():.2f} ± {g['last_k_std'].mean():.2f}"
+            row[f"last-{int(g['last_k'].iloc[0])} epochs"] = stability
         rows.append(row)
         samples.append(g["final_acc"].tolist())
     if not rows:
@@ -261,7 +286,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 DISPLAY_COLUMNS = [k for k in GROUP_KEYS if k != "teacher sha256"] + ["side information",
-    "acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best", "epochs at budget",
+    "acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best", "epochs at budget", "last-k epochs",
     "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s",
     "peak RSS MiB", "peak CUDA MiB"]
 # machine-readable copies of the statistics, for the csv format only
@@ -272,7 +297,21 @@ NOTE = ("Score: test accuracy of the last epoch (with --at: of the last epoch wi
         "preset, 'best' is the method with the highest mean; 'yes' = not significantly worse than it, 'no' = worse "
         f"(Welch's t-test, unequal variances, two-sided p < {ALPHA}, no multiple-comparison correction); n/a = the "
         "method or the best has fewer than 2 seeds, so nothing is tested; '-' = baseline (reference row, not "
-        "ranked). The best-epoch column is selected on the test set and is not a score.")
+        "ranked). The best-epoch column is selected on the test set and is not a score. last-k epochs: the mean "
+        "over seeds of each run's mean accuracy over its last k epochs, ± the mean over seeds of the sample std "
+        "over those k epochs (how far a run swings from epoch to epoch); a stability measure, not a score.")
+
+
+def display_columns(table: pd.DataFrame, extra: list[str] | None = None) -> list[str]:
+    """The columns shown, in order: :data:`DISPLAY_COLUMNS` present in ``table`` (``last-k epochs`` stands for
+    the ``last-<k> epochs`` column it holds), then ``extra``."""
+    out = []
+    for c in DISPLAY_COLUMNS + (extra or []):
+        if c == "last-k epochs":
+            out += [t for t in table.columns if t.startswith("last-") and t.endswith(" epochs")]
+        elif c in table.columns:
+            out.append(c)
+    return out
 
 
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -291,7 +330,7 @@ def to_format(table: pd.DataFrame, fmt: str, extra: list[str] | None = None) -> 
     """The table as csv, markdown (with the note below it) or latex (the note as a comment above it),
     with the display columns plus ``extra``; csv also carries the numeric statistics."""
     numeric = NUMERIC_COLUMNS if fmt == "csv" else []
-    table = table[[c for c in DISPLAY_COLUMNS + (extra or []) + numeric if c in table.columns]]
+    table = table[display_columns(table, (extra or []) + numeric)]
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "markdown":

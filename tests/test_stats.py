@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from scipy import stats
 
 from dfkd_bench.cli import cli
+from dfkd_bench.errors import DfkdError
 from dfkd_bench.report import draw_curves, write_report
-from dfkd_bench.results import collect, summarize
+from dfkd_bench.results import collect, summarize, to_format
 from dfkd_bench.rundir import CONFIG, METRICS, SUMMARY
 from dfkd_bench.stats import best_group, estimate, welch_p
 
@@ -263,3 +264,24 @@ def test_runs_with_other_settings_are_a_row_of_their_own(tmp_path):
     table = summarize(collect(tmp_path)).set_index("settings")
     assert table.loc["preset", "n seeds"] == 2 and table.loc["preset", "acc_mean"] == 87.5
     assert table.loc["lr=0.05, method.g_steps=3", "n seeds"] == 1
+
+
+def test_last_k_stability_averages_each_runs_last_epochs_then_the_seeds(tmp_path):
+    # seed 0 ends 70, 80, 90 (mean 80, std 10); seed 1 ends 84, 84, 84 (mean 84, std 0)
+    write_run(tmp_path, "fast", 0, [10.0, 70.0, 80.0, 90.0])
+    write_run(tmp_path, "fast", 1, [20.0, 84.0, 84.0, 84.0])
+    df = collect(tmp_path, last_k=3)
+    assert sorted(zip(df["last_k_mean"], df["last_k_std"])) == [(80.0, 10.0), (84.0, 0.0)]
+    row = summarize(df).iloc[0]
+    assert row["last-3 epochs"] == "82.00 ± 5.00" and row["acc (last epoch)"].startswith("87.00")
+    one = summarize(collect(tmp_path, last_k=1)).iloc[0]
+    assert one["last-1 epochs"] == "87.00 ± 0.00"  # k = 1 is the last epoch, with no swing
+    markdown = to_format(summarize(df), "markdown")
+    assert "| last-3 epochs |" in markdown.splitlines()[0] and "82.00 ± 5.00" in markdown
+    two = CliRunner().invoke(cli, ["compare", str(tmp_path), "--last-k", "2", "--format", "markdown"])
+    assert "| last-2 epochs |" in two.stdout and "84.50 ± 3.54" in two.stdout  # (85, 84) ± (7.07, 0) over seeds
+    shown = CliRunner().invoke(cli, ["compare", str(tmp_path), "--last-k", "2"])
+    plain = CliRunner().invoke(cli, ["compare", str(tmp_path)])
+    assert "last-2" in shown.stdout and "last-3" not in plain.stdout  # the terminal shows it on request
+    with pytest.raises(DfkdError, match="--last-k must be at least 1"):
+        collect(tmp_path, last_k=0)
