@@ -263,15 +263,21 @@ def _print_warnings(caught: list) -> None:
 @click.option("--last-k", "last_k", type=click.IntRange(min=1), default=None,
               help=f"Show the stability column in the terminal table: each run's mean accuracy and its swing over "
                    f"its last K epochs, averaged over seeds (the md/csv/tex formats always carry it, K={LAST_K}).")
-def compare(root, fmt, output, at, memory, last_k) -> None:
+@click.option("--across", type=click.Choice(["teachers"]), default=None,
+              help="teachers: one row per method and teacher architecture over its teachers (variants): the mean "
+                   "of the per-teacher seed means, their spread, the worst teacher; ranked by a paired test over "
+                   "teachers.")
+def compare(root, fmt, output, at, memory, last_k, across) -> None:
     """Compare every run folder below ROOT: last-epoch accuracy, mean ± std, 95% CI and n over seeds, and the
     methods not significantly worse than the best of their setting (Welch's t-test, p < 0.05)."""
     import warnings
 
     from .results import (
+        ACROSS_NOTE,
         BUDGET_COLUMNS,
         MEMORY_COLUMNS,
         NOTE,
+        across_teachers,
         collect,
         display_columns,
         failed_runs,
@@ -294,15 +300,18 @@ def compare(root, fmt, output, at, memory, last_k) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         df = collect(root, at=budget, last_k=last_k or LAST_K)
-        table = summarize(df)
+        table = summarize(df) if across is None else across_teachers(df)
     _print_warnings(caught)
     if df.empty:
         raise DfkdError(f"no finished runs below {root}")
     failed = failed_runs(df)
     if fmt == "table":
         what = f"accuracy at {at}" if at else "last-epoch test accuracy"
-        out = Table(title=f"runs below {root} (score: {what}, mean ± std over seeds, 95% t-CI; best group: "
-                          f"Welch's t-test vs the best, p < {ALPHA} = worse)", caption=NOTE, caption_justify="left")
+        title = (f"runs below {root} (score: {what}, mean ± std over seeds, 95% t-CI; best group: Welch's t-test vs "
+                 f"the best, p < {ALPHA} = worse)")
+        if across:
+            title = f"runs below {root} across teachers (score: {what}; paired t-test over teachers, p < {ALPHA})"
+        out = Table(title=title, caption=ACROSS_NOTE if across else NOTE, caption_justify="left")
         cols = [c for c in display_columns(table) if (memory or c not in MEMORY_COLUMNS.values())
                 and (last_k or not c.startswith("last-"))]
         if "teacher sha256" in cols and table["teacher sha256"].nunique() <= 1:  # one checkpoint: it tells nothing

@@ -302,11 +302,73 @@ NOTE = ("Score: test accuracy of the last epoch (with --at: of the last epoch wi
         "over those k epochs (how far a run swings from epoch to epoch); a stability measure, not a score.")
 
 
+ACROSS_KEYS = ["dataset", "teacher arch", "student", "method", "loss", "preset", "settings"]
+ACROSS_NOTE = ("Across teachers: per method, the mean over seeds on each teacher (a checkpoint: a variant and its "
+               "sha256), then over the teachers: their mean, their sample std (spread across teachers) and the "
+               "worst teacher's mean. best group: per dataset/teacher architecture/student/preset, against the "
+               "method with the highest mean over teachers, a paired t-test over the teachers both ran on (the "
+               f"unit is the teacher, not the seed; two-sided p < {ALPHA} = worse); n/a: fewer than 2 shared "
+               "teachers. Baselines are shown, never ranked.")
+
+
+def across_teachers(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, teacher architecture, student, method, loss, preset, settings) over the scored
+    runs: the mean over teachers of the per-teacher seed means, their spread, the worst teacher's mean and
+    which teacher it is, and the best-group mark from a paired t-test over shared teachers (:data:`ACROSS_NOTE`)."""
+    from .stats import paired_p
+
+    ok = _scored(df).copy()
+    if ok.empty:
+        return pd.DataFrame()
+    load_plugins()
+    ok["teacher arch"] = [str(t).partition("@")[0] for t in ok["teacher"]]
+    ok["teacher id"] = ok["teacher"].astype(str) + " " + ok["teacher sha256"].astype(str)
+    rows, per_teacher = [], []
+    for key, g in ok.groupby(ACROSS_KEYS, sort=True, dropna=False):
+        means = g.groupby("teacher id")["final_acc"].mean()
+        seeds = g.groupby("teacher id")["final_acc"].size()
+        worst = means.idxmin()
+        spread = float(means.std(ddof=1)) if len(means) > 1 else float("nan")
+        rows.append({**dict(zip(ACROSS_KEYS, key)), "settings": key[ACROSS_KEYS.index("settings")] or "preset",
+                     "mean over teachers": f"{means.mean():.2f}",
+                     "spread across teachers": "n/a" if math.isnan(spread) else f"{spread:.2f}",
+                     "worst teacher": f"{means.min():.2f} ({worst.split(' ')[0]})", "n teachers": len(means),
+                     "seeds per teacher": ",".join(str(int(n)) for n in seeds)})
+        per_teacher.append(means.to_dict())
+    table = pd.DataFrame(rows)
+    marks, ps = ["-"] * len(table), ["-"] * len(table)
+    setting = ["dataset", "teacher arch", "student", "preset"]
+    for _, g in table.groupby(setting, sort=False, dropna=False):
+        contenders = [i for i in g.index if not is_baseline(table.at[i, "method"])]
+        if not contenders:
+            continue
+        best = max(contenders, key=lambda i: float(table.at[i, "mean over teachers"]))
+        for i in contenders:
+            if i == best:
+                marks[i] = "best"
+                continue
+            shared = sorted(set(per_teacher[i]) & set(per_teacher[best]))
+            p = paired_p([per_teacher[i][t] for t in shared], [per_teacher[best][t] for t in shared])
+            marks[i] = "n/a" if math.isnan(p) else ("no" if p < ALPHA else "yes")
+            ps[i] = "n/a" if math.isnan(p) else f"{p:.3f}"
+    table["best group"], table["p vs best (paired over teachers)"] = marks, ps
+    return table
+
+
+ACROSS_COLUMNS = ACROSS_KEYS + ["mean over teachers", "spread across teachers", "worst teacher", "n teachers",
+                                 "seeds per teacher", "best group", "p vs best (paired over teachers)"]
+
+
+def is_across(table: pd.DataFrame) -> bool:
+    """Whether ``table`` is an :func:`across_teachers` table."""
+    return "mean over teachers" in table.columns
+
+
 def display_columns(table: pd.DataFrame, extra: list[str] | None = None) -> list[str]:
     """The columns shown, in order: :data:`DISPLAY_COLUMNS` present in ``table`` (``last-k epochs`` stands for
     the ``last-<k> epochs`` column it holds), then ``extra``."""
     out = []
-    for c in DISPLAY_COLUMNS + (extra or []):
+    for c in (ACROSS_COLUMNS if is_across(table) else DISPLAY_COLUMNS) + (extra or []):
         if c == "last-k epochs":
             out += [t for t in table.columns if t.startswith("last-") and t.endswith(" epochs")]
         elif c in table.columns:
@@ -330,13 +392,14 @@ def to_format(table: pd.DataFrame, fmt: str, extra: list[str] | None = None) -> 
     """The table as csv, markdown (with the note below it) or latex (the note as a comment above it),
     with the display columns plus ``extra``; csv also carries the numeric statistics."""
     numeric = NUMERIC_COLUMNS if fmt == "csv" else []
+    note = ACROSS_NOTE if is_across(table) else NOTE
     table = table[display_columns(table, (extra or []) + numeric)]
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "markdown":
-        return _markdown(table) + "\n" + NOTE + "\n"
+        return _markdown(table) + "\n" + note + "\n"
     if fmt == "latex":
-        return f"% {NOTE}\n" + table.to_latex(index=False, escape=True).replace("±", r"$\pm$")
+        return f"% {note}\n" + table.to_latex(index=False, escape=True).replace("±", r"$\pm$")
     raise ValueError(f"unknown format {fmt!r}")
 
 

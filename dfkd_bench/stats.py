@@ -55,6 +55,19 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     return 1.0 if math.isnan(p) else p
 
 
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test of ``a`` against ``b`` (same length, pairs in order; e.g. two
+    methods' means on the same teachers); NaN with fewer than two pairs; 1.0 when every difference is 0."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_rel(a, b).pvalue)
+    return 1.0 if math.isnan(p) else p
+
+
 @dataclass(frozen=True)
 class Mark:
     """Whether a method belongs to the best group: ``best``, ``yes``, ``no`` or ``n/a``, and its p vs the best."""

@@ -21,7 +21,7 @@ from scipy import stats
 from dfkd_bench.cli import cli
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.report import draw_curves, write_report
-from dfkd_bench.results import collect, summarize, to_format
+from dfkd_bench.results import across_teachers, collect, summarize, to_format
 from dfkd_bench.rundir import CONFIG, METRICS, SUMMARY
 from dfkd_bench.stats import best_group, estimate, welch_p
 
@@ -285,3 +285,39 @@ def test_last_k_stability_averages_each_runs_last_epochs_then_the_seeds(tmp_path
     assert "last-2" in shown.stdout and "last-3" not in plain.stdout  # the terminal shows it on request
     with pytest.raises(DfkdError, match="--last-k must be at least 1"):
         collect(tmp_path, last_k=0)
+
+
+def _run_on_teacher(root: Path, method: str, teacher: str, seed: int, acc: float) -> None:
+    run = root / f"{method}-{teacher}-s{seed}"
+    run.mkdir(parents=True)
+    setting = {**SETTING, "teacher": teacher}
+    (run / CONFIG).write_text(json.dumps({"method": method, "loss": "kl", "seed": seed, **setting}))
+    (run / METRICS).write_text(json.dumps({"epoch": 0, "test_acc": acc}) + "\n")
+    (run / SUMMARY).write_text(json.dumps({
+        "status": "complete", "method": method, "loss": "kl", "seed": seed, **setting, "epochs_done": 1,
+        "final_acc": acc, "best_acc": acc, "teacher_acc": 92.0, "teacher_sha256": f"{abs(hash(teacher)):064x}"[:64],
+        "images": 1, "teacher_passes": 1, "synth_seconds": 1.0, "total_seconds": 1.0}))
+
+
+def test_across_teachers_averages_teacher_means_and_ranks_over_teachers(tmp_path):
+    # per-teacher seed means: cmi 80, 82, 78; fast 79, 81, 70 (pairs differ by 1, 1, 8)
+    accs = {"cmi": {"wrn16_2": (79, 81), "wrn16_2@s1": (82, 82), "wrn16_2@s2": (77, 79)},
+            "fast": {"wrn16_2": (78, 80), "wrn16_2@s1": (80, 82), "wrn16_2@s2": (70, 70)},
+            "teacher": {"wrn16_2": (92, 92)}}
+    for method, per_teacher in accs.items():
+        for teacher, values in per_teacher.items():
+            for seed, acc in enumerate(values):
+                _run_on_teacher(tmp_path, method, teacher, seed, float(acc))
+    table = across_teachers(collect(tmp_path)).set_index("method")
+    cmi, fast = table.loc["cmi"], table.loc["fast"]
+    assert (cmi["mean over teachers"], cmi["spread across teachers"], cmi["n teachers"]) == ("80.00", "2.00", 3)
+    assert cmi["worst teacher"] == "78.00 (wrn16_2@s2)" and cmi["seeds per teacher"] == "2,2,2"
+    assert (fast["mean over teachers"], fast["worst teacher"]) == ("76.67", "70.00 (wrn16_2@s2)")
+    p = stats.ttest_rel([79, 81, 70], [80, 82, 78]).pvalue  # the unit is the teacher
+    assert cmi["best group"] == "best" and fast["best group"] == ("no" if p < 0.05 else "yes")
+    assert fast["p vs best (paired over teachers)"] == f"{p:.3f}"
+    assert table.loc["teacher", "best group"] == "-" and table.loc["teacher", "spread across teachers"] == "n/a"
+    assert set(table["teacher arch"]) == {"wrn16_2"}
+    markdown = CliRunner().invoke(cli, ["compare", str(tmp_path), "--across", "teachers", "--format", "markdown"])
+    assert markdown.exit_code == 0 and "| mean over teachers |" in markdown.stdout
+    assert "paired t-test over the teachers" in markdown.stdout
