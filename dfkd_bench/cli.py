@@ -243,6 +243,21 @@ def methods() -> None:
 
 # ---------------------------------------------------------------- compare
 
+# compare's terminal table: identity columns that move into the title when every row shares them, and
+# secondary columns shown only with --wide (the md/csv/tex formats always carry everything)
+TITLE_COLUMNS = ("dataset", "teacher", "teacher arch", "student", "loss", "preset", "settings", "side information",
+                 "teacher acc", "teacher sha256")
+WIDE_ONLY = ("best-epoch acc (test-selected)", "images", "synthesis s", "total s", "seeds per teacher")
+SETTINGS_WIDTH = 32  # characters of a row's settings shown without --wide
+
+
+def _cell(value, column: str, wide: bool) -> str:
+    text = str(value)
+    if column == "settings" and not wide and len(text) > SETTINGS_WIDTH:
+        return text[:SETTINGS_WIDTH - 1] + "…"  # the full text: --wide, or the md/csv formats
+    return text
+
+
 def _print_warnings(caught: list) -> None:
     """Warnings about run folders, one line each; their text is shown as is, never read as rich markup."""
     for w in caught:
@@ -257,6 +272,9 @@ def _print_warnings(caught: list) -> None:
 @click.option("--at", "at", default=None, metavar="BUDGET=N",
               help="Compare at equal budget: accuracy after the last epoch within N of images, teacher_passes, "
                    "seconds, synth_seconds or epochs (e.g. --at images=5000).")
+@click.option("--wide", is_flag=True,
+              help="Every column in the terminal table (by default what all rows share moves into the title and "
+                   "the secondary numbers are left out, so a typical table fits 100 columns).")
 @click.option("--memory", is_flag=True,
               help="Show each run's peak memory in the terminal table (peak RSS; peak CUDA allocation on GPU "
                    "runs); the md/csv/tex formats always carry it.")
@@ -267,7 +285,7 @@ def _print_warnings(caught: list) -> None:
               help="teachers: one row per method and teacher architecture over its teachers (variants): the mean "
                    "of the per-teacher seed means, their spread, the worst teacher; ranked by a paired test over "
                    "teachers.")
-def compare(root, fmt, output, at, memory, last_k, across) -> None:
+def compare(root, fmt, output, at, wide, memory, last_k, across) -> None:
     """Compare every run folder below ROOT: last-epoch accuracy, mean ± std, 95% CI and n over seeds, and the
     methods not significantly worse than the best of their setting (Welch's t-test, p < 0.05)."""
     import warnings
@@ -311,17 +329,22 @@ def compare(root, fmt, output, at, memory, last_k, across) -> None:
                  f"the best, p < {ALPHA} = worse)")
         if across:
             title = f"runs below {root} across teachers (score: {what}; paired t-test over teachers, p < {ALPHA})"
-        out = Table(title=title, caption=ACROSS_NOTE if across else NOTE, caption_justify="left")
         cols = [c for c in display_columns(table) if (memory or c not in MEMORY_COLUMNS.values())
                 and (last_k or not c.startswith("last-"))]
         if "teacher sha256" in cols and table["teacher sha256"].nunique() <= 1:  # one checkpoint: it tells nothing
             cols.remove("teacher sha256")
         if "side information" in cols and (table["side information"] == "none").all():  # the formats keep it
             cols.remove("side information")
+        if not wide:  # what every row shares goes into the title; the secondary numbers wait for --wide
+            shared = [c for c in cols if c in TITLE_COLUMNS and table[c].nunique(dropna=False) == 1]
+            if shared:
+                title += "\n" + ", ".join(f"{c} {table[c].iloc[0]}" for c in shared)
+            cols = [c for c in cols if c not in shared and c not in WIDE_ONLY]
+        out = Table(title=title, caption=ACROSS_NOTE if across else NOTE, caption_justify="left")
         for c in cols:
             out.add_column(c, overflow="fold")
         for _, row in table.iterrows():
-            out.add_row(*(str(row[c]) for c in cols))
+            out.add_row(*(_cell(row[c], c, wide) for c in cols))
         console.print(out)
         text = to_format(table, "markdown") if output else None
     else:
@@ -432,7 +455,7 @@ def sweep(method_list, seeds, dataset, teachers, student, preset, loss, assignme
             else:
                 console.print(f"{plan.run_dir.name}: {summary['final_acc']:.2f}%")
     if failed < len(plans):
-        click.get_current_context().invoke(compare, root=output, memory=False)
+        click.get_current_context().invoke(compare, root=output)
     if failed:
         sys.exit(1)
 

@@ -217,7 +217,7 @@ def test_compare_latex_escapes_underscores(cli_run):
 
 def test_compare_table_lists_the_run(cli_run):
     output, _, summary = cli_run
-    result = invoke("compare", output)
+    result = invoke("compare", output, "--wide")  # every column, the dataset first
     assert result.exit_code == 0, result.output
     rows = _table_rows(result.stdout)
     assert rows[TINY][3] == "deepinversion"
@@ -229,7 +229,7 @@ def test_every_epoch_and_the_summary_record_peak_memory(cli_run):
     records = read_metrics(run_dir / "metrics.jsonl")
     assert all(r["peak_rss_mb"] > 10 for r in records) and all("peak_cuda_mb" not in r for r in records)
     assert summary["peak_rss_mb"] == max(r["peak_rss_mb"] for r in records) and summary["peak_cuda_mb"] is None
-    plain, shown = invoke("compare", output), invoke("compare", output, "--memory")
+    plain, shown = invoke("compare", output, "--wide"), invoke("compare", output, "--memory", "--wide")
     assert "peak RSS" not in plain.stdout and "peak RSS" in shown.stdout  # (the header may wrap)
     assert "peak CUDA" not in shown.stdout  # no run measured one
     assert _table_rows(shown.stdout)[TINY][-1] == f"{summary['peak_rss_mb']:.0f}"

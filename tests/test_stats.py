@@ -6,6 +6,7 @@ summary.json), so every accuracy is known and the expected numbers are computed 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -295,7 +296,8 @@ def _run_on_teacher(root: Path, method: str, teacher: str, seed: int, acc: float
     (run / METRICS).write_text(json.dumps({"epoch": 0, "test_acc": acc}) + "\n")
     (run / SUMMARY).write_text(json.dumps({
         "status": "complete", "method": method, "loss": "kl", "seed": seed, **setting, "epochs_done": 1,
-        "final_acc": acc, "best_acc": acc, "teacher_acc": 92.0, "teacher_sha256": f"{abs(hash(teacher)):064x}"[:64],
+        "final_acc": acc, "best_acc": acc, "teacher_acc": 92.0,
+        "teacher_sha256": hashlib.sha256(teacher.encode()).hexdigest(),
         "images": 1, "teacher_passes": 1, "synth_seconds": 1.0, "total_seconds": 1.0}))
 
 
@@ -321,3 +323,21 @@ def test_across_teachers_averages_teacher_means_and_ranks_over_teachers(tmp_path
     markdown = CliRunner().invoke(cli, ["compare", str(tmp_path), "--across", "teachers", "--format", "markdown"])
     assert markdown.exit_code == 0 and "| mean over teachers |" in markdown.stdout
     assert "paired t-test over the teachers" in markdown.stdout
+
+
+def test_the_default_terminal_table_fits_100_columns_and_wide_shows_everything(tree, monkeypatch):
+    from dfkd_bench import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 100)
+    compact = CliRunner().invoke(cli, ["compare", str(tree)])
+    lines = compact.stdout.splitlines()
+    assert compact.exit_code == 0 and max(len(line) for line in lines) <= 100
+    rows = [line for line in lines if line.startswith("│")]
+    for method in ("cmi", "csd", "fast", "deepinversion", "teacher"):  # every method whole on its own line
+        assert sum(f"│ {method} " in line for line in rows) == 1, compact.stdout
+    assert "dataset fashion-mnist" in compact.stdout and "student wrn16_1" in compact.stdout  # shared: the title
+    assert "synthesis s" not in compact.stdout and "images" not in compact.stdout  # secondary: --wide only
+    monkeypatch.setattr(cli_module.console, "width", 400)
+    wide = CliRunner().invoke(cli, ["compare", str(tree), "--wide"])
+    header = next(line for line in wide.stdout.splitlines() if line.startswith("┃") and "method" in line)
+    assert "synthesis s" in header and "dataset" in header and "images" in header
