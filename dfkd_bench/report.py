@@ -117,6 +117,36 @@ def _plot(curves: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> 
     plt.close(fig)
 
 
+def per_teacher_means(df: pd.DataFrame) -> dict[tuple, dict[str, dict[str, float]]]:
+    """For each (dataset, teacher architecture, student, preset) run on more than one teacher: method ->
+    {teacher (name and sha256's first 12 hex digits): mean final accuracy over its seeds}."""
+    ok = df[df["status"].isin(FINISHED) & df["final_acc"].notna()].copy()
+    if ok.empty:
+        return {}
+    ok["teacher arch"] = [str(t).partition("@")[0] for t in ok["teacher"]]
+    ok["teacher id"] = ok["teacher"].astype(str) + " " + ok["teacher sha256"].astype(str)
+    out = {}
+    for key, g in ok.groupby(["dataset", "teacher arch", "student", "preset"], sort=True):
+        if g["teacher id"].nunique() < 2:
+            continue
+        out[key] = {m: mg.groupby("teacher id")["final_acc"].mean().to_dict() for m, mg in g.groupby("method")}
+    return out
+
+
+def draw_per_teacher(ax: plt.Axes, means: dict[str, dict[str, float]]) -> None:
+    """One column per method: a dot per teacher (a color per teacher, the same in every column) and a bar
+    at the mean over teachers."""
+    teachers = sorted({t for per in means.values() for t in per})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, per) in enumerate(sorted(means.items())):
+        for j, teacher in enumerate(teachers):
+            if teacher in per:
+                ax.scatter([i], [per[teacher]], color=colors[j % len(colors)], s=18, zorder=3,
+                           label=teacher.split(" ")[0] if i == 0 else None)
+        ax.hlines(sum(per.values()) / len(per), i - 0.3, i + 0.3, color="black", linewidth=1.5)
+    ax.set_xticks(range(len(means)), sorted(means), rotation=30, ha="right", fontsize=8)
+
+
 def write_report(root: Path, out_dir: Path) -> dict[str, list[Path]]:
     """Write every report file for the runs below ``root``; returns the files by kind."""
     out_dir = Path(out_dir)
@@ -145,6 +175,19 @@ def write_report(root: Path, out_dir: Path) -> dict[str, list[Path]]:
             path = out_dir / f"{stem}-{tag}.png"
             _plot(curves, x, xlabel, title, path)
             written["plots"].append(path)
+    for (dataset, arch, student, preset), means in per_teacher_means(df).items():
+        fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+        draw_per_teacher(ax, means)
+        ax.set_ylabel("test accuracy (%), mean over seeds")
+        ax.set_title(f"{dataset}: {arch} teachers -> {student}, {preset} (dots: teachers; bar: their mean)",
+                     fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"acc_per_teacher-{dataset}-{arch}-{student}-{preset}.png"
+        fig.savefig(path, dpi=PLOT_DPI)
+        plt.close(fig)
+        written["plots"].append(path)
     finished = df[df["status"].isin(FINISHED)].sort_values("seed") if not df.empty else df
     for method, g in finished.groupby("method") if not finished.empty else []:
         grid = next((Path(r) / SAMPLES for r in g["run"] if (Path(r) / SAMPLES).is_file()), None)

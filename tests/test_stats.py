@@ -28,7 +28,7 @@ from dfkd_bench.stats import best_group, estimate, welch_p
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.collections import PolyCollection  # noqa: E402
+from matplotlib.collections import LineCollection, PathCollection, PolyCollection  # noqa: E402
 
 SETTING = {"dataset": "fashion-mnist", "teacher": "wrn16_2", "student": "wrn16_1", "preset": "cpu"}
 IMAGES_PER_EPOCH = 256
@@ -293,7 +293,7 @@ def _run_on_teacher(root: Path, method: str, teacher: str, seed: int, acc: float
     run.mkdir(parents=True)
     setting = {**SETTING, "teacher": teacher}
     (run / CONFIG).write_text(json.dumps({"method": method, "loss": "kl", "seed": seed, **setting}))
-    (run / METRICS).write_text(json.dumps({"epoch": 0, "test_acc": acc}) + "\n")
+    (run / METRICS).write_text(json.dumps({"epoch": 0, "test_acc": acc, "synth_seconds": 1.0}) + "\n")
     (run / SUMMARY).write_text(json.dumps({
         "status": "complete", "method": method, "loss": "kl", "seed": seed, **setting, "epochs_done": 1,
         "final_acc": acc, "best_acc": acc, "teacher_acc": 92.0,
@@ -341,3 +341,25 @@ def test_the_default_terminal_table_fits_100_columns_and_wide_shows_everything(t
     wide = CliRunner().invoke(cli, ["compare", str(tree), "--wide"])
     header = next(line for line in wide.stdout.splitlines() if line.startswith("┃") and "method" in line)
     assert "synthesis s" in header and "dataset" in header and "images" in header
+
+
+def test_the_report_plots_each_methods_accuracy_per_teacher(tmp_path):
+    from dfkd_bench.report import draw_per_teacher, per_teacher_means
+
+    for method, values in {"cmi": (80.0, 82.0, 84.0), "fast": (70.0, 76.0, 78.0)}.items():
+        for teacher, acc in zip(("wrn16_2", "wrn16_2@s1", "wrn16_2@s2"), values):
+            for seed, shift in enumerate((-1.0, 1.0)):
+                _run_on_teacher(tmp_path / "runs", method, teacher, seed, acc + shift)
+    means = per_teacher_means(collect(tmp_path / "runs"))
+    (key, per), = means.items()
+    assert key == ("fashion-mnist", "wrn16_2", "wrn16_1", "cpu")
+    assert sorted(per["fast"].values()) == [70.0, 76.0, 78.0] and len(per["cmi"]) == 3
+    fig, ax = plt.subplots()
+    draw_per_teacher(ax, per)
+    dots = sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections if isinstance(c, PathCollection))
+    assert dots[:3] == [(0.0, 80.0), (0.0, 82.0), (0.0, 84.0)] and dots[3:] == [(1.0, 70.0), (1.0, 76.0), (1.0, 78.0)]
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]  # the mean over teachers, per method
+    assert [round(float(seg[0][1]), 2) for bar in bars for seg in bar.get_segments()] == [82.0, 74.67]
+    plt.close(fig)
+    written = write_report(tmp_path / "runs", tmp_path / "report")
+    assert (tmp_path / "report" / "acc_per_teacher-fashion-mnist-wrn16_2-wrn16_1-cpu.png") in written["plots"]
