@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .config import RunConfig
 from .errors import DataAccessError, DfkdError
-from .results import LAST_K
+from .rundir import LAST_K
 
 # Tables are wide; outside a terminal (logs, CI) rich would wrap them at 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 200

@@ -46,15 +46,15 @@ class Runner:
         self.ranks = distributed.for_run()  # one process, or this rank's view of a data-parallel run
         self.folder = self.ranks.folder(RunFolder(self.run_dir))
         self.reporter = reporter or SilentReporter()
-        self.spec, self.device = (spec := get_dataset(cfg.dataset)), self.ranks.device(select_device(cfg.device))
+        self.spec = spec = get_dataset(cfg.dataset)
+        self.device = device = self.ranks.device(select_device(cfg.device))
         batch_size = self.ranks.share(cfg.batch_size, "batch_size")
         # autocast on CUDA; on CPU only when asked (amp_cpu), so the AMP path can be tested without a GPU
         self.amp = cfg.amp and (self.device.type == "cuda" or cfg.amp_cpu)
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
         self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict())
         seed_everything(cfg.seed)
-        models = build_models(cfg, spec, teacher_store, self.device)
-        self.teacher, self.teacher_meta, self.student, self.normalizer = models
+        self.teacher, self.teacher_meta, self.student, self.normalizer = build_models(cfg, spec, teacher_store, device)
         self.test_x, self.test_y = spec.load("test")
         if self.teacher_meta.get("test_accuracy") is None:
             self.teacher_meta["test_accuracy"] = self._accuracy(self.teacher)
@@ -82,9 +82,9 @@ class Runner:
         if self.rounds:
             self.student_loss = self.ranks.wrap(self.student_loss)  # DistributedDataParallel across ranks
         self.ranks.seed(cfg.seed)  # every rank built the same models; from here on each draws its own stream
-        # what a checkpoint saves and a resume loads, besides the epoch, the RNGs and the method (per rank)
-        self.stateful = dict(student=self.student, loss_fn=self.loss_fn, optimizer=self.optimizer, scaler=self.scaler,
-                             scheduler=self.scheduler, batches=self.batches, counters=self.counters)
+        self.stateful = dict(  # what a checkpoint saves and a resume loads, besides the epoch, RNGs and method
+            student=self.student, loss_fn=self.loss_fn, optimizer=self.optimizer, scaler=self.scaler,
+            scheduler=self.scheduler, batches=self.batches, counters=self.counters)
         self.start_epoch = 0
         self.folder.write_config(cfg.to_dict())  # only once every input has been checked: a typo leaves no folder
 

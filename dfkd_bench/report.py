@@ -22,7 +22,16 @@ import pandas as pd  # noqa: E402
 
 from .errors import DfkdError  # noqa: E402
 from .registry import SYNTHESIZERS  # noqa: E402
-from .results import FINISHED, NOTE, collect, display_columns, is_baseline, summarize, to_format  # noqa: E402
+from .results import (  # noqa: E402
+    FINISHED,
+    NOTE,
+    collect,
+    display_columns,
+    is_baseline,
+    scored_by_teacher,
+    summarize,
+    to_format,
+)
 from .rundir import METRICS, SAMPLES, read_metrics  # noqa: E402
 from .runtime import atomic_write_bytes  # noqa: E402
 
@@ -120,11 +129,7 @@ def _plot(curves: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> 
 def per_teacher_means(df: pd.DataFrame) -> dict[tuple, dict[str, dict[str, float]]]:
     """For each (dataset, teacher architecture, student, preset) run on more than one teacher: method ->
     {teacher (name and sha256's first 12 hex digits): mean final accuracy over its seeds}."""
-    ok = df[df["status"].isin(FINISHED) & df["final_acc"].notna()].copy()
-    if ok.empty:
-        return {}
-    ok["teacher arch"] = [str(t).partition("@")[0] for t in ok["teacher"]]
-    ok["teacher id"] = ok["teacher"].astype(str) + " " + ok["teacher sha256"].astype(str)
+    ok = scored_by_teacher(df)
     out = {}
     for key, g in ok.groupby(["dataset", "teacher arch", "student", "preset"], sort=True):
         if g["teacher id"].nunique() < 2:

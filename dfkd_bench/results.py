@@ -20,7 +20,7 @@ import pandas as pd
 
 from .errors import DfkdError
 from .registry import SYNTHESIZERS, load_plugins
-from .rundir import CONFIG, MEMORY_FIELDS, METRICS, SUMMARY, read_metrics
+from .rundir import CONFIG, LAST_K, MEMORY_FIELDS, METRICS, SUMMARY, read_metrics
 from .stats import ALPHA, CONFIDENCE, NA, Estimate, Mark, best_group, estimate
 
 # "settings" lists what a run changed relative to its preset (--set values), so variants are never averaged
@@ -121,9 +121,6 @@ def settings_beyond_preset(config: dict[str, Any]) -> str:
         # a key today's code no longer has is a difference too (the run used a setting that is gone)
         diff += [f"{part[:-4]}.{k}={ours[k]}" for k in sorted(ours) if k not in theirs or ours[k] != theirs[k]]
     return ", ".join(diff)
-
-
-LAST_K = 3  # epochs whose accuracy the stability column averages (the stability literature's "last epochs")
 
 
 def collect(root: Path, at: tuple[str, float] | None = None, last_k: int = LAST_K) -> pd.DataFrame:
@@ -311,18 +308,25 @@ ACROSS_NOTE = ("Across teachers: per method, the mean over seeds on each teacher
                "teachers. Baselines are shown, never ranked.")
 
 
+def scored_by_teacher(df: pd.DataFrame) -> pd.DataFrame:
+    """The scored runs with ``teacher arch`` (the teacher's name before ``@``) and ``teacher id`` (its name and
+    sha256 prefix: one checkpoint) added, for comparisons across teachers."""
+    ok = _scored(df).copy()
+    ok["teacher arch"] = [str(t).partition("@")[0] for t in ok["teacher"]]
+    ok["teacher id"] = ok["teacher"].astype(str) + " " + ok["teacher sha256"].astype(str)
+    return ok
+
+
 def across_teachers(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, teacher architecture, student, method, loss, preset, settings) over the scored
     runs: the mean over teachers of the per-teacher seed means, their spread, the worst teacher's mean and
     which teacher it is, and the best-group mark from a paired t-test over shared teachers (:data:`ACROSS_NOTE`)."""
     from .stats import paired_p
 
-    ok = _scored(df).copy()
+    ok = scored_by_teacher(df)
     if ok.empty:
         return pd.DataFrame()
     load_plugins()
-    ok["teacher arch"] = [str(t).partition("@")[0] for t in ok["teacher"]]
-    ok["teacher id"] = ok["teacher"].astype(str) + " " + ok["teacher sha256"].astype(str)
     rows, per_teacher = [], []
     for key, g in ok.groupby(ACROSS_KEYS, sort=True, dropna=False):
         means = g.groupby("teacher id")["final_acc"].mean()

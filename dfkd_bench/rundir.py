@@ -53,6 +53,7 @@ _IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
 # Record fields that depend on the machine and its load, not on the arithmetic of the run.
 MEMORY_FIELDS = ("peak_rss_mb", "peak_cuda_mb")
 MACHINE_FIELDS = ("synth_seconds", "distill_seconds", "elapsed_seconds", *MEMORY_FIELDS)
+LAST_K = 3  # epochs whose accuracy compare's stability column averages (the stability literature's "last epochs")
 
 
 @dataclass
