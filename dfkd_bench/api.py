@@ -107,8 +107,9 @@ ProgressFactory = Callable[[str, Any], Any]  # (headline, training recipe) -> te
 
 def ensure_teacher(cfg: RunConfig, store: Path | None, train: bool,
                    progress: ProgressFactory | None = None) -> None:
-    """Make sure the teacher of ``cfg`` exists: when the store has none, train it with its dataset's recipe
-    (as ``dfkd-bench teacher train``), reporting to ``progress(headline, recipe)`` if given.
+    """Make sure the teacher of ``cfg`` exists: when the store has none, store timm's pretrained weights
+    (``teacher_pretrained``) or train it with its dataset's recipe (as ``dfkd-bench teacher train``; never for
+    a class-folder dataset such as ImageNet), reporting to ``progress(headline, recipe)`` if given.
 
     Raises:
         DfkdError: the teacher is missing and ``train`` is False, or this is one rank of a data-parallel
@@ -116,7 +117,15 @@ def ensure_teacher(cfg: RunConfig, store: Path | None, train: bool,
     """
     from .data import get_dataset
     from .distributed import launched_world_size
-    from .teachers import default_store, default_train_config, find_teacher, load_teacher, train_teacher, variant_seed
+    from .teachers import (
+        default_store,
+        default_train_config,
+        find_teacher,
+        import_pretrained,
+        load_teacher,
+        train_teacher,
+        variant_seed,
+    )
 
     if cfg.teacher_checkpoint:
         return
@@ -124,8 +133,11 @@ def ensure_teacher(cfg: RunConfig, store: Path | None, train: bool,
     store = Path(store) if store else default_store()
     if find_teacher(spec, cfg.teacher, store) is not None:
         return
+    if cfg.teacher_pretrained and launched_world_size() <= 1:
+        import_pretrained(spec, cfg.teacher, store, cfg.teacher_weights, cfg.device)
+        return
     seed = variant_seed(cfg.teacher)  # wrn16_2@s3: the recipe with seed 3; a named variant is imported, not trained
-    if not train or launched_world_size() > 1 or seed is None:
+    if not train or launched_world_size() > 1 or seed is None or spec.lazy or cfg.teacher_pretrained:
         load_teacher(spec, cfg.teacher, store)  # raises the one-line error naming the command
     recipe = default_train_config(cfg.dataset, seed=seed)
     reporter = progress(teacher_headline(spec, cfg.teacher, store), recipe) if progress else None

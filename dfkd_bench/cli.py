@@ -116,8 +116,9 @@ DEFAULTS = RunConfig()  # the run options' defaults are the run config's
 
 @cli.command()
 @click.option("--method", required=True, help="A registered method (see `dfkd-bench methods`).")
-@click.option("--dataset", default=DEFAULTS.dataset, show_default=True)
-@click.option("--teacher", default=DEFAULTS.teacher, show_default=True, help="Zoo or timm model name.")
+@click.option("--dataset", default=None, help=f"Default: the preset's, else {DEFAULTS.dataset}.")
+@click.option("--teacher", default=None,
+              help=f"Zoo or timm model name. Default: the preset's, else {DEFAULTS.teacher}.")
 @click.option("--student", default=None, help=STUDENT_HELP)
 @click.option("--preset", default="quick", show_default=True, help="A preset of the method: paper, quick, cpu, ...")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -463,6 +464,59 @@ def sweep(method_list, seeds, dataset, teachers, student, preset, loss, assignme
 # ---------------------------------------------------------------- teacher
 
 @cli.group()
+def dataset() -> None:
+    """Datasets: the built-in ones and class folders you declare."""
+
+
+@dataset.command("add")
+@click.argument("name")
+@click.option("--root", required=True, type=click.Path(path_type=Path),
+              help="Folder holding TRAIN_DIR/<class>/<images> and TEST_DIR/<class>/<images>.")
+@click.option("--image-size", required=True, type=int, help="Pixels of the square center crop the models see.")
+@click.option("--mean", required=True, metavar="M1,M2,M3", help="Per-channel mean of [0, 1] pixels (1 or 3 values).")
+@click.option("--std", required=True, metavar="S1,S2,S3", help="Per-channel std (as many values as --mean).")
+@click.option("--resize", type=int, default=None, help="Resize the shorter side to this before the crop "
+                                                       "(default: the image size).")
+@click.option("--train-dir", default="train", show_default=True)
+@click.option("--test-dir", default="val", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing declaration of NAME.")
+def dataset_add(name, root, image_size, mean, std, resize, train_dir, test_dir, force) -> None:
+    """Declare a class-folder dataset NAME; then --dataset NAME works in run, sweep and teacher train."""
+    from .data import declare_dataset, declared_path
+
+    record = declare_dataset(name, root, image_size, tuple(_csv_list(mean, float)), tuple(_csv_list(std, float)),
+                             resize, train_dir, test_dir, force=force)
+    console.print(f"declared {name}: {record['num_classes']} classes, {record['channels']} channel(s), "
+                  f"{image_size} px, read lazily from {record['root']} ({declared_path(name)})", soft_wrap=True)
+
+
+@dataset.command("list")
+def dataset_list() -> None:
+    """The datasets --dataset accepts: built in, and declared under <data root>/datasets/."""
+    from .data import DECLARED, data_root, get_dataset
+    from .registry import DATASETS
+
+    table = Table(title="datasets")
+    for col in ("name", "classes", "image", "normalization (mean / std)", "held", "source"):
+        table.add_column(col)
+    declared = sorted(p.stem for p in (data_root() / DECLARED).glob("*.json"))
+    for name in [*DATASETS.names(), *declared]:
+        try:
+            spec = get_dataset(name)
+        except DfkdError as exc:
+            table.add_row(name, "-", "-", "-", "-", escape(str(exc)))
+            continue
+        norm = f"{_fmt_floats(spec.mean)} / {_fmt_floats(spec.std)}"
+        table.add_row(name, str(spec.num_classes), f"{spec.channels}x{spec.image_size}x{spec.image_size}", norm,
+                      "folders, lazily" if spec.lazy else "in memory", "declared" if name in declared else "built in")
+    console.print(table)
+
+
+def _fmt_floats(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+@cli.group()
 def teacher() -> None:
     """Train, list and import teachers."""
 
@@ -600,6 +654,30 @@ def teacher_import(checkpoint, fmt, arch, dataset, store, device, force, mean, s
                 f"than {PUBLISHED_TOLERANCE} points")
         err_console.print(f"[yellow]warning:[/] {escape(what)}: check the file, --arch/--dataset and the "
                           "normalization (--mean/--std)", highlight=False, soft_wrap=True)
+
+
+@teacher.command("pretrained")
+@click.argument("arch")
+@click.option("--dataset", default="imagenet", show_default=True)
+@click.option("--weights", default="", help="A local file of the weights (offline), read through timm's "
+                                            "pretrained_cfg_overlay; default: timm fetches them (Hugging Face hub).")
+@click.option("--store", type=click.Path(path_type=Path), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace a teacher already stored for (dataset, arch).")
+def teacher_pretrained(arch, dataset, weights, store, device, force) -> None:
+    """Store timm's pretrained ARCH (timm:resnet50, timm:resnet50.tv_in1k, ...) as a teacher, measured on the test
+    split under timm's normalization for those weights."""
+    from .data import get_dataset
+    from .teachers import default_store, import_pretrained
+
+    spec = get_dataset(dataset)
+    meta = import_pretrained(spec, arch, store or default_store(), weights, device, force=force)
+    acc = meta["test_accuracy"]
+    norm = meta["normalization"]
+    console.print(f"stored timm's pretrained {meta['arch']} ({meta['pretrained']['tag'] or 'default tag'}) for "
+                  f"{dataset}: test accuracy {'not measured (no test data)' if acc is None else f'{acc:.2f}%'} "
+                  f"(normalization mean {tuple(norm['mean'])}, std {tuple(norm['std'])}), sha256 "
+                  f"{meta['sha256'][:12]}", soft_wrap=True)
 
 
 @teacher.command("list")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DfkdError
-from .registry import DATASETS, LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
+from .registry import LOSSES, SYNTHESIZERS, get_preset, unknown_name_message
 from .settings import Settings, check_fields
 from .zoo import DEFAULT_STUDENT, paper_student
 
@@ -67,6 +67,8 @@ class RunConfig:
     sync_bn_stats: bool = False  # data-parallel runs: BN-statistics losses on the global batch, not each rank's
     eval_batch_size: int = 512
     teacher_checkpoint: str = ""  # explicit teacher file instead of the store
+    teacher_pretrained: bool = False  # a timm:<model> teacher missing from the store: store timm's pretrained weights
+    teacher_weights: str = ""  # with teacher_pretrained: a local file of those weights (offline), read by timm
     method_cfg: dict[str, Any] = field(default_factory=dict)
     loss_cfg: dict[str, Any] = field(default_factory=dict)
 
@@ -201,6 +203,9 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
             valid = list(run_hints) + [f"method.{k}" for k in method_hints] + [f"loss.{k}" for k in loss_hints]
             raise DfkdError(unknown_name_message("setting", key, valid))
     run["method"], run["preset"], run["loss"] = method, preset, loss_name
+    meant_for = preset_values.get("dataset")
+    if meant_for and run.get("dataset") != meant_for and notes is not None:
+        notes.append(f"preset '{preset}' is the authors' setting for {meant_for}; this run is on {run.get('dataset')}")
     if not run.get("student"):
         run["student"] = paper_student(run.get("teacher", RunConfig.teacher)) or DEFAULT_STUDENT
     cfg = RunConfig(**run)
@@ -240,9 +245,9 @@ def validate(cfg: RunConfig) -> None:
             raise DfkdError(f"{name} must be a finite {kind} number, got {value}")
     if cfg.lr_min > cfg.lr:
         raise DfkdError(f"lr_min ({cfg.lr_min}) must not exceed lr ({cfg.lr})")
-    from . import data  # noqa: F401  (it registers the datasets)
+    from .data import get_dataset  # importing it registers the datasets
 
-    DATASETS.get(cfg.dataset)  # an unknown name: one line listing the known ones
+    get_dataset(cfg.dataset)  # an unknown name: one line listing the known ones
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg.device):
         raise DfkdError(f"unknown device '{cfg.device}'; use auto, cpu, cuda or cuda:N")
     if not math.isfinite(cfg.max_seconds):

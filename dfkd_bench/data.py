@@ -1,4 +1,10 @@
-"""Datasets: shape, normalization and the real splits, held as uint8 tensors in memory.
+"""Datasets: shape, normalization and the real splits as uint8 images.
+
+The small datasets (Fashion-MNIST, CIFAR, Tiny-ImageNet) are held in memory as one tensor per split;
+class-folder datasets (ImageNet, or any folder a user declares with ``dfkd-bench dataset add``) are
+read lazily, batch by batch, through a DataLoader with workers. :meth:`DatasetSpec.split` gives either
+kind as an :class:`ImageSplit`; :meth:`DatasetSpec.load` gives in-memory tensors (decoding a folder
+split when it fits in memory).
 
 Only teacher training and baselines read the train split; only the runner's evaluation
 reads the test split. Synthesizers run inside :func:`sealed`, where any read raises.
@@ -8,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
+import math
 import os
 import pickle
 import struct
@@ -17,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import DataAccessError, DfkdError
+from .errors import DataAccessError, DfkdError, UnknownNameError
 from .registry import DATASETS
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -42,9 +50,10 @@ class DatasetSpec:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]
+    loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]] | None  # None for folder datasets
     class_names: tuple[str, ...] = ()  # in label order; empty when unknown (NAYER embeds them as text)
     names_loader: Callable[[], tuple[str, ...]] | None = None  # names read from the data when it is there
+    folder: "ClassFolders | None" = None  # set for datasets read lazily from class folders (then loader is unused)
 
     def names(self) -> tuple[str, ...]:
         """The class names in label order: the fixed ones, else those the data folder holds, else ()."""
@@ -55,16 +64,55 @@ class DatasetSpec:
         return (self.channels, self.image_size, self.image_size)
 
     def load(self, split: str, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64 of ``split`` ('train' or 'test')."""
+        """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64 of ``split`` ('train' or 'test'), in memory.
+
+        A class-folder dataset is decoded whole (its evaluation transform: resize and center crop).
+
+        Raises:
+            DataAccessError: called inside :func:`sealed`.
+            DfkdError: the data is missing, corrupt, or (a folder dataset) too large to hold in memory.
+        """
+        found = self.split(split, root)
+        return found.to_tensors(f"{self.name}/{split}")
+
+    def split(self, split: str, root: Path | None = None, train: bool = False) -> "ImageSplit":
+        """``split`` ('train' or 'test') as an :class:`ImageSplit`: a tensor pair for the in-memory datasets,
+        a lazily read folder for the others. ``train``: a folder dataset applies its training augmentation
+        (random resized crop and flip) as it reads; in-memory splits are augmented by the caller.
+
+        Raises:
+            DataAccessError: called inside :func:`sealed`.
+            DfkdError: the data is missing or corrupt.
+        """
         if _sealed_depth:
             raise DataAccessError(f"real data ({self.name}/{split}) was requested inside a synthesizer")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return self.loader(split, Path(root) if root else data_root())
+        root = Path(root) if root else data_root()
+        if self.folder is not None:
+            return self.folder.open(self, split, root, train)
+        return TensorSplit(*self.loader(split, root))
+
+    @property
+    def lazy(self) -> bool:
+        """True when the splits are read from image folders batch by batch instead of held in memory."""
+        return self.folder is not None
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    return DATASETS.get(name)
+    """The registered dataset ``name``, or one declared with ``dfkd-bench dataset add`` (a JSON file under
+    ``<data root>/datasets/``).
+
+    Raises:
+        UnknownNameError: neither exists (the message lists the known names).
+    """
+    try:
+        return DATASETS.get(name)
+    except UnknownNameError:
+        declared = declared_dataset(name)
+        if declared is None:
+            raise
+        return declared
 
 
 _sealed_depth = 0
@@ -345,6 +393,255 @@ _register(DatasetSpec("tiny-imagenet", 200, 3, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0
                       names_loader=_tiny_imagenet_names))
 
 
+# ---------------------------------------------------------------- splits: in memory or read from folders
+
+class ImageSplit:
+    """One labelled split as batches of uint8 images ``(B, C, H, W)`` and int64 labels ``(B,)``."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, rank: int = 0, world: int = 1, *,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every ``world``-th example from ``rank`` (one rank's shard; all of them by default), in file
+        order, or shuffled by ``generator``."""
+        raise NotImplementedError
+
+    def to_tensors(self, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split in memory: images ``(N, C, H, W)`` uint8, labels ``(N,)`` int64."""
+        raise NotImplementedError
+
+
+class TensorSplit(ImageSplit):
+    """A split held in memory (the small datasets)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, rank: int = 0, world: int = 1, *,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.images[rank::world], self.labels[rank::world]
+        if generator is not None:
+            order = torch.randperm(len(labels), generator=generator)
+            images, labels = images[order], labels[order]
+        for start in range(0, len(labels), batch_size):
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+
+    def to_tensors(self, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.labels
+
+
+def data_workers() -> int:
+    """DataLoader worker processes for folder datasets: ``$DFKD_BENCH_WORKERS``, else up to 8 (one per core)."""
+    raw = os.environ.get("DFKD_BENCH_WORKERS", "")
+    if raw.strip():
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            raise DfkdError(f"DFKD_BENCH_WORKERS must be a whole number, got {raw!r}") from None
+    return min(8, os.cpu_count() or 1)
+
+
+def _open_gray(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        return Image.open(fh).convert("L")
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        return Image.open(fh).convert("RGB")
+
+
+class FolderSplit(ImageSplit):
+    """A split read lazily from ``<root>/<class>/<image>`` folders (torchvision's ``ImageFolder``: classes are
+    the sorted folder names, images sorted within each), decoded by DataLoader workers.
+
+    Evaluation transform: resize the shorter side to ``resize``, center crop ``image_size``. Training
+    transform (``train``): random resized crop to ``image_size`` (scale 0.08-1) and horizontal flip, the
+    standard ImageNet recipe (torchvision references/classification/presets.py)."""
+
+    def __init__(self, folder: Path, image_size: int, resize: int, channels: int, train: bool):
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        steps = ([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if train else
+                 [T.Resize(resize), T.CenterCrop(image_size)])
+        try:
+            # allow_empty: a class folder without images keeps its label index (the classes are the folders)
+            self.dataset = ImageFolder(str(folder), transform=T.Compose([*steps, T.PILToTensor()]),
+                                       loader=_open_gray if channels == 1 else _open_rgb, allow_empty=True)
+        except (FileNotFoundError, OSError) as exc:
+            raise DfkdError(f"cannot read the class folders in {folder}: {str(exc).splitlines()[0]}") from None
+        self.folder = folder
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int, rank: int = 0, world: int = 1, *,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from torch.utils.data import DataLoader, Subset
+
+        indices = list(range(rank, len(self.dataset), world))
+        if generator is not None:
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        workers = data_workers()
+        loader = DataLoader(Subset(self.dataset, indices), batch_size=batch_size, num_workers=workers,
+                            generator=generator, persistent_workers=False, pin_memory=False)
+        try:
+            for images, labels in loader:
+                yield images, labels.long()
+        except OSError as exc:  # a corrupt or unreadable image (PIL's errors are OSErrors, in workers too)
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DfkdError(f"cannot read an image under {self.folder}: {last[:160]}") from None
+
+    def to_tensors(self, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        first, _ = self.dataset[0]
+        need = len(self.dataset) * first.numel()
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        if need > budget:
+            raise DfkdError(f"{what} is {len(self.dataset)} images, {need / 2**30:.1f} GiB as uint8: more than half "
+                            "this machine's memory; it is read lazily by evaluation and teacher training, but "
+                            "this step needs it in memory")
+        parts = list(self.batches(256))
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+@dataclass(frozen=True)
+class ClassFolders:
+    """Where a class-folder dataset lives (``path``: absolute, or relative to the data root) and how its
+    images become tensors: ``resize`` is the evaluation resize before the center crop."""
+
+    path: str
+    resize: int
+    train_dir: str = "train"
+    test_dir: str = "val"
+    hint: str = ""  # where the data comes from, for the missing-data error
+
+    def open(self, spec: DatasetSpec, split: str, root: Path, train: bool) -> FolderSplit:
+        base = Path(self.path) if Path(self.path).is_absolute() else root / self.path
+        folder = base / (self.train_dir if split == "train" else self.test_dir)
+        if not folder.is_dir():
+            raise DfkdError(f"{spec.name} not found: no folder {folder} (one sub-folder of images per class)"
+                            + (f"; {self.hint}" if self.hint else ""))
+        found = FolderSplit(folder, spec.image_size, self.resize, spec.channels, train)
+        if len(found.classes) != spec.num_classes:
+            raise DfkdError(f"{folder} holds {len(found.classes)} class folders; {spec.name} has "
+                            f"{spec.num_classes} classes")
+        return found
+
+
+def _imagenet_names() -> tuple[str, ...]:
+    """ImageNet's class names in label order when the data is here: the wnid folders, named by
+    ``LOC_synset_mapping.txt`` (the Kaggle layout) when the data root holds it."""
+    folder = data_root() / "imagenet"
+    train = folder / "train"
+    if not train.is_dir():
+        return ()
+    wnids = sorted(p.name for p in train.iterdir() if p.is_dir())
+    words: dict[str, str] = {}
+    mapping = folder / "LOC_synset_mapping.txt"
+    if mapping.is_file():
+        for line in mapping.read_text().splitlines():
+            wnid, _, text = line.partition(" ")
+            words[wnid] = text.split(",")[0].strip()
+    return tuple(words.get(w, w) for w in wnids)
+
+
+# ImageNet-1k: the class-folder layout torchvision's reference scripts read (train/<wnid>/*.JPEG and val/<wnid>/
+# *.JPEG after the usual valprep step), 224 px: resize 256 and center crop for evaluation, random resized crop
+# and flip for training (torchvision references/classification/presets.py); the standard mean/std, which
+# torchvision's and timm's pretrained ResNet-50 expect (Fast and DeepInversion distil torchvision's).
+_register(DatasetSpec("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), loader=None,
+                      names_loader=_imagenet_names,
+                      folder=ClassFolders("imagenet", resize=256, hint="put ImageNet's train/ and val/ class "
+                                          "folders under ./data/imagenet or $DFKD_BENCH_DATA/imagenet")))
+
+
+# ---------------------------------------------------------------- class folders declared by the user
+
+DECLARED = "datasets"  # <data root>/datasets/<name>.json
+
+
+def declared_path(name: str) -> Path:
+    return data_root() / DECLARED / f"{name}.json"
+
+
+def declared_dataset(name: str) -> DatasetSpec | None:
+    """The dataset ``name`` declared with ``dfkd-bench dataset add``, or None."""
+    path = declared_path(name)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        folders = ClassFolders(d["root"], int(d["resize"]), d.get("train_dir", "train"), d.get("test_dir", "val"))
+        classes = tuple(d.get("class_names", ()))
+        return DatasetSpec(d["name"], int(d["num_classes"]), int(d["channels"]), int(d["image_size"]),
+                           tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), loader=None,
+                           class_names=classes, folder=folders)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DfkdError(f"{path} is not a dataset declaration ({type(exc).__name__}: {exc}); delete it and run "
+                        "dfkd-bench dataset add again") from None
+
+
+def declare_dataset(name: str, root: Path, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    resize: int | None = None, train_dir: str = "train", test_dir: str = "val",
+                    force: bool = False) -> dict:
+    """Declare the class-folder dataset ``name`` at ``root`` (``root/<train_dir>/<class>/*``, the same classes
+    under ``root/<test_dir>``): images center-cropped to ``image_size`` px after resizing the shorter side to
+    ``resize`` (default ``image_size``), normalized with ``mean``/``std`` (one value per channel, 1 or 3
+    channels). Writes ``<data root>/datasets/<name>.json``; returns what it wrote.
+
+    Raises:
+        DfkdError: a name taken by a built-in dataset, a declaration that exists (without ``force``), missing
+            folders, classes that differ between the splits, or a bad size or normalization.
+    """
+    if name in DATASETS:
+        raise DfkdError(f"'{name}' is a built-in dataset; choose another name")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise DfkdError(f"dataset name {name!r} may hold only letters, digits, '-', '_' and '.'")
+    path = declared_path(name)
+    if path.is_file() and not force:
+        raise DfkdError(f"dataset '{name}' is already declared in {path}; pass --force to replace it")
+    if len(mean) not in (1, 3) or len(std) != len(mean):
+        raise DfkdError(f"--mean and --std need 1 (grayscale) or 3 (RGB) values each, got {len(mean)} and {len(std)}")
+    if not all(s > 0 for s in std) or not all(math.isfinite(v) for v in (*mean, *std)):
+        raise DfkdError("--mean must be finite and --std positive")
+    if image_size < 8 or (resize is not None and resize < image_size):
+        raise DfkdError(f"--image-size must be at least 8 and --resize at least the image size, got {image_size} "
+                        f"and {resize}")
+    root = Path(root).resolve()
+    classes = {}
+    for split_dir in (train_dir, test_dir):
+        folder = root / split_dir
+        if not folder.is_dir():
+            raise DfkdError(f"no folder {folder}: a class-folder dataset has {train_dir}/<class>/ and "
+                            f"{test_dir}/<class>/ under its root")
+        classes[split_dir] = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes[split_dir]:
+            raise DfkdError(f"{folder} holds no class folders")
+    if classes[train_dir] != classes[test_dir]:
+        only = sorted(set(classes[train_dir]) ^ set(classes[test_dir]))
+        raise DfkdError(f"{train_dir}/ and {test_dir}/ hold different classes (e.g. {only[0]!r})")
+    record = {"name": name, "root": str(root), "image_size": image_size, "resize": resize or image_size,
+              "channels": len(mean), "mean": list(mean), "std": list(std), "num_classes": len(classes[train_dir]),
+              "class_names": classes[train_dir], "train_dir": train_dir, "test_dir": test_dir}
+    from .runtime import atomic_write_json
+
+    atomic_write_json(path, record)
+    return record
+
+
 # ---------------------------------------------------------------- shared helpers
 
 class Normalizer(torch.nn.Module):
@@ -369,16 +666,25 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
-             device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent of ``model`` on uint8 ``images``."""
+def count_correct(model: torch.nn.Module, split: ImageSplit, normalizer: Normalizer, device: torch.device,
+                  batch_size: int = 512, rank: int = 0, world: int = 1) -> tuple[int, int]:
+    """(correct top-1 predictions, examples) of ``model`` on one rank's shard of ``split``."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = normalizer(to_unit(images[start:start + batch_size].to(device)))
-        y = labels[start:start + batch_size].to(device)
+    correct = total = 0
+    for images, labels in split.batches(batch_size, rank, world):
+        x = normalizer(to_unit(images.to(device)))
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (model(x).argmax(1) == labels.to(device)).sum().item()
+        total += len(labels)
     model.train(was_training)
-    return 100.0 * correct / max(1, len(images))
+    return correct, total
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor | ImageSplit, labels: torch.Tensor | None,
+             normalizer: Normalizer, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent (0-100) of ``model`` on uint8 ``images`` ``(N, C, H, W)`` with ``labels``
+    ``(N,)``, or on a whole :class:`ImageSplit` (``labels`` None)."""
+    split = images if isinstance(images, ImageSplit) else TensorSplit(images, labels)
+    correct, total = count_correct(model, split, normalizer, device, batch_size)
+    return 100.0 * correct / max(1, total)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .data import Normalizer, evaluate
+from .data import ImageSplit, Normalizer, count_correct, evaluate
 from .errors import DfkdError
 from .losses import sync_bn_statistics
 from .method import SynthBatch
@@ -86,10 +86,10 @@ class SingleProcess:
     def sync_buffers(self, module: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics)."""
 
-    def evaluate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
-                 device: torch.device, batch_size: int) -> float:
+    def evaluate(self, model: nn.Module, split: ImageSplit, normalizer: Normalizer, device: torch.device,
+                 batch_size: int) -> float:
         """Test accuracy in percent."""
-        return evaluate(model, images, labels, normalizer, device, batch_size)
+        return evaluate(model, split, None, normalizer, device, batch_size)
 
     def rank_states(self, **state: Any) -> dict[str, Any]:
         """Checkpoint entries that hold every rank's own ``state`` (on rank 0)."""
@@ -189,12 +189,11 @@ class DataParallel(SingleProcess):
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
 
-    def evaluate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
-                 device: torch.device, batch_size: int) -> float:
-        shard_x, shard_y = images[self.rank::self.world], labels[self.rank::self.world]
-        acc = evaluate(model, shard_x, shard_y, normalizer, device, batch_size)
-        (correct,) = self.total(round(acc * len(shard_x) / 100))
-        return 100.0 * correct / max(1, len(images))
+    def evaluate(self, model: nn.Module, split: ImageSplit, normalizer: Normalizer, device: torch.device,
+                 batch_size: int) -> float:
+        correct, _ = count_correct(model, split, normalizer, device, batch_size, self.rank, self.world)
+        (correct,) = self.total(correct)
+        return 100.0 * correct / max(1, len(split))
 
     def rank_states(self, **state: Any) -> dict[str, Any]:
         gathered = [None] * self.world if self.main else None

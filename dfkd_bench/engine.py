@@ -55,7 +55,7 @@ class Runner:
         self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict())
         seed_everything(cfg.seed)
         self.teacher, self.teacher_meta, self.student, self.normalizer = build_models(cfg, spec, teacher_store, device)
-        self.test_x, self.test_y = spec.load("test")
+        self.test = spec.split("test")  # in memory, or read lazily from class folders (ImageNet)
         if self.teacher_meta.get("test_accuracy") is None:
             self.teacher_meta["test_accuracy"] = self._accuracy(self.teacher)
         if cfg.sync_bn_stats:
@@ -196,8 +196,7 @@ class Runner:
         self.counters.kd_steps += 1
 
     def _accuracy(self, model: nn.Module) -> float:
-        return self.ranks.evaluate(model, self.test_x, self.test_y, self.normalizer, self.device,
-                                   self.cfg.eval_batch_size)
+        return self.ranks.evaluate(model, self.test, self.normalizer, self.device, self.cfg.eval_batch_size)
 
     def _evaluate(self, epoch: int) -> float:
         with self.counters.timing("eval_seconds"):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import crop_flip
-from .data import DatasetSpec, Normalizer, evaluate, to_unit
+from .data import DatasetSpec, ImageSplit, Normalizer, evaluate, to_unit
 from .errors import DfkdError
 from .runtime import (
     atomic_torch_save,
@@ -36,7 +36,7 @@ from .runtime import (
     sha256_file,
     versions,
 )
-from .zoo import create_model, resolve_model_name
+from .zoo import EXPLICIT_TIMM_PREFIX, check_model_input, create_model, resolve_model_name
 
 
 def default_store() -> Path:
@@ -75,6 +75,10 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {},
     "cifar10": _AUTHORS_CIFAR,
     "cifar100": _AUTHORS_CIFAR,
+    # torchvision's reference ResNet recipe (references/classification/README.md): 90 epochs, batch 256,
+    # SGD lr 0.1 divided by 10 every 30 epochs, weight decay 1e-4; random resized crop + flip
+    "imagenet": {"epochs": 90, "batch_size": 256, "lr": 0.1, "weight_decay": 1e-4, "schedule": "multistep",
+                 "milestones": (1 / 3, 2 / 3)},
 }
 
 
@@ -207,13 +211,19 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
     refuse_replacing(ckpt, force)
     partial = partial_path(store, spec.name, name)
     model = create_model(base, spec.num_classes, spec.channels, spec.image_size).to(dev)
-    train_x, train_y = spec.load("train")
-    if cfg.limit:
-        train_x, train_y = train_x[:cfg.limit], train_y[:cfg.limit]
-    test_x, test_y = spec.load("test")
+    if spec.lazy:  # class folders (ImageNet): decoded and augmented by DataLoader workers as they are read
+        train_split = spec.split("train", train=cfg.augment)
+        n_train = min(len(train_split), cfg.limit or len(train_split))
+        aug = nn.Identity()
+    else:
+        train_x, train_y = spec.load("train")
+        if cfg.limit:
+            train_x, train_y = train_x[:cfg.limit], train_y[:cfg.limit]
+        n_train = len(train_x)
+        aug = crop_flip(spec.image_size).to(dev) if cfg.augment else nn.Identity()
+    test = spec.split("test")
     norm = Normalizer(spec.mean, spec.std).to(dev)  # what the sidecar records as the teacher's normalization
-    aug = crop_flip(spec.image_size).to(dev) if cfg.augment else nn.Identity()
-    steps_per_epoch = max(1, len(train_x) // cfg.batch_size)
+    steps_per_epoch = max(1, n_train // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
@@ -236,13 +246,20 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
     acc = 0.0
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = torch.randperm(len(train_x), generator=gen)
+        if spec.lazy:
+            reader = train_split.batches(cfg.batch_size, generator=gen)
+        else:
+            order = torch.randperm(len(train_x), generator=gen)
         for step in range(steps_per_epoch):
             tick = time.perf_counter()
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = norm(aug(to_unit(train_x[idx].to(dev))))
+            if spec.lazy:
+                images, labels = next(reader)
+            else:
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                images, labels = train_x[idx], train_y[idx]
+            x = norm(aug(to_unit(images.to(dev))))
             with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                loss = F.cross_entropy(model(x), train_y[idx].to(dev))
+                loss = F.cross_entropy(model(x), labels.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -253,11 +270,13 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
                 step_times.append(time.perf_counter() - tick)
                 if len(step_times) == TIMED_STEPS + 1 or step == steps_per_epoch - 1:
                     progress.estimate(_estimate(step_times, total_steps - done, cfg.epochs - epoch, model, norm,
-                                                test_x, test_y, dev), len(step_times[1:]) or 1)
+                                                test, dev), len(step_times[1:]) or 1)
             progress.step(done, total_steps, epoch, loss.item())
+        if spec.lazy:
+            reader.close()  # ends the epoch's DataLoader (its workers) before the evaluation starts its own
         if cfg.schedule == "multistep":
             sched.step()  # the authors step it once per epoch
-        acc = evaluate(model, test_x, test_y, norm, dev)
+        acc = evaluate(model, test, None, norm, dev)
         history.append(round(acc, 2))
         if epoch + 1 < cfg.epochs:
             atomic_torch_save(partial, {
@@ -271,7 +290,7 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
         state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
         # the score is the stored weights' score: evaluate them as loading will see them
         model.load_state_dict(upcast(state_dict))
-        acc = evaluate(model, test_x, test_y, norm, dev)
+        acc = evaluate(model, test, None, norm, dev)
     atomic_torch_save(ckpt, state_dict)
     sidecar = {
         "arch": resolved,
@@ -299,14 +318,16 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
 
 
 def _estimate(step_times: list[float], steps_left: int, epochs_left: int, model: nn.Module, norm: Normalizer,
-              test_x: torch.Tensor, test_y: torch.Tensor, dev: torch.device) -> float:
+              test: ImageSplit, dev: torch.device) -> float:
     """Seconds the remaining steps and evaluations should take, from the timed steps and one timed eval batch."""
     timed = step_times[1:] or step_times  # the first step pays one-off warm-up costs
     per_step = sum(timed) / len(timed)
-    n = min(len(test_x), 512)
     tick = time.perf_counter()
-    evaluate(model, test_x[:n], test_y[:n], norm, dev)
-    per_eval = (time.perf_counter() - tick) * len(test_x) / max(1, n)
+    batches = test.batches(512)
+    images, labels = next(batches)
+    batches.close()
+    evaluate(model, images, labels, norm, dev)
+    per_eval = (time.perf_counter() - tick) * len(test) / max(1, len(labels))
     return per_step * steps_left + per_eval * epochs_left
 
 
@@ -420,8 +441,13 @@ def load_teacher(spec: DatasetSpec, arch: str, store: Path | None = None,
     if checkpoint is None:
         ckpt, side = teacher_paths(store, spec.name, stored_name(arch, spec.image_size))
         if not ckpt.is_file():
-            how = (f"create it with: {train_command(spec.name, arch)}" if variant_seed(arch) is not None else
-                   f"import it with: dfkd-bench teacher import FILE --arch {arch} --dataset {spec.name}")
+            if base.startswith(EXPLICIT_TIMM_PREFIX) and spec.num_classes == 1000:
+                how = (f"store timm's pretrained weights with --set teacher_pretrained=true, or: dfkd-bench teacher "
+                       f"pretrained {arch} --dataset {spec.name} [--weights FILE]")
+            elif variant_seed(arch) is not None:
+                how = f"create it with: {train_command(spec.name, arch)}"
+            else:
+                how = f"import it with: dfkd-bench teacher import FILE --arch {arch} --dataset {spec.name}"
             raise DfkdError(f"no {stored_name(arch, spec.image_size)} teacher for {spec.name} in {store}; {how}")
         meta = read_json_object(side, "a teacher's sidecar; delete it or restore it") if side.is_file() else {}
     else:
@@ -553,15 +579,7 @@ def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Pa
     model = create_model(base, spec.num_classes, spec.channels, spec.image_size)
     state = IMPORT_FORMATS[fmt](load_state_dict(Path(path)), model)
     load_weights(model, state, str(path), resolved)
-    accuracy = None
-    try:
-        test_x, test_y = spec.load("test")
-    except DfkdError:
-        test_x = None  # no test data here: store it without a measured accuracy
-    if test_x is not None:
-        dev = select_device(device)
-        model.to(dev)
-        accuracy = round(evaluate(model, test_x, test_y, Normalizer(mean, std).to(dev), dev), 2)
+    accuracy = _measure(model, spec, mean, std, device)
     ckpt, side = teacher_paths(store, spec.name, name)
     atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     sidecar = {
@@ -577,5 +595,79 @@ def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Pa
     if standard is not None:
         sidecar["standard"] = {"file": Path(path).name, "dataset": standard[0], "arch": standard[1],
                                "published_accuracy": standard[2], "source": STANDARD_SOURCE}
+    atomic_write_json(side, sidecar)
+    return sidecar
+
+
+# ---------------------------------------------------------------- pretrained timm teachers
+
+def _measure(model: nn.Module, spec: DatasetSpec, mean: tuple[float, ...], std: tuple[float, ...],
+             device: str) -> float | None:
+    """Test accuracy (percent, 2 decimals) of ``model`` under (mean, std), or None when the test split is absent."""
+    try:
+        test = spec.split("test")
+    except DfkdError:
+        return None  # no test data here: stored without a measured accuracy
+    dev = select_device(device)
+    model.to(dev)
+    return round(evaluate(model, test, None, Normalizer(mean, std).to(dev), dev), 2)
+
+
+def import_pretrained(spec: DatasetSpec, arch: str, store: Path, weights: str = "", device: str = "auto",
+                      force: bool = False) -> dict[str, Any]:
+    """Store timm's pretrained weights for ``arch`` (``timm:<model>[.<tag>]``, e.g. ``timm:resnet50`` or
+    ``timm:resnet50.tv_in1k``, torchvision's weights, the teacher of Fast's and DeepInversion's ImageNet rows)
+    as the teacher of ``spec``: fetched by timm (Hugging Face hub or its cache), or read from ``weights``, a
+    local state-dict file, through timm's own ``pretrained_cfg_overlay={'file': ...}``. The sidecar records
+    timm's normalization for the weights (``pretrained_cfg`` mean/std), the source and the measured test accuracy.
+
+    Raises:
+        DfkdError: not a ``timm:`` name; the weights cannot be fetched (offline) or read; they classify another
+            number of classes than ``spec`` has; or a teacher is stored already (without ``force``).
+    """
+    base, variant = split_teacher(arch)
+    if not base.startswith(EXPLICIT_TIMM_PREFIX):
+        raise DfkdError(f"pretrained weights come from timm: name the teacher timm:<model> (e.g. timm:resnet50), "
+                        f"not '{arch}'")
+    resolved, name = resolve_model_name(base, spec.image_size), stored_name(arch, spec.image_size)
+    ckpt, side = teacher_paths(store, spec.name, name)
+    refuse_replacing(ckpt, force)
+    import timm
+
+    overlay = {}
+    if weights:
+        if not Path(weights).is_file():
+            raise DfkdError(f"teacher_weights: no file {weights}")
+        overlay = {"pretrained_cfg_overlay": {"file": str(Path(weights).resolve())}}
+    try:
+        model = timm.create_model(resolved, pretrained=True, in_chans=spec.channels, **overlay)
+    except Exception as exc:  # hub, network, file-format and key errors all end here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if weights:
+            raise DfkdError(f"cannot load {weights} as timm's {resolved} weights: {first}") from None
+        raise DfkdError(f"timm could not fetch the pretrained weights of {resolved} ({type(exc).__name__}); offline, "
+                        f"download them where there is a network and pass --set teacher_weights=FILE (a state dict "
+                        "of that timm model), or fill the Hugging Face cache ($HF_HOME)") from None
+    if model.num_classes != spec.num_classes:
+        raise DfkdError(f"timm's {resolved} weights classify {model.num_classes} classes; {spec.name} has "
+                        f"{spec.num_classes}")
+    check_model_input(model, base, spec.channels, spec.image_size, spec.num_classes)
+    cfg = model.pretrained_cfg
+    mean, std = tuple(cfg.get("mean", spec.mean)), tuple(cfg.get("std", spec.std))
+    if len(mean) != spec.channels:
+        mean, std = tuple(spec.mean), tuple(spec.std)
+    accuracy = _measure(model, spec, mean, std, device)
+    atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    sidecar = {
+        "arch": resolved, "variant": variant, "requested_arch": arch, "dataset": spec.name,
+        "num_classes": spec.num_classes, "in_chans": spec.channels, "image_size": spec.image_size,
+        "test_accuracy": accuracy, "normalization": Normalizer(mean, std).values, "sha256": sha256_file(ckpt),
+        "pretrained": {"source": "timm", "tag": cfg.get("tag"), "hf_hub_id": cfg.get("hf_hub_id"),
+                       "file": str(Path(weights).resolve()) if weights else None,
+                       "file_sha256": sha256_file(Path(weights)) if weights else None},
+        "command": f"dfkd-bench teacher pretrained {arch} --dataset {spec.name}"
+                   + (f" --weights {weights}" if weights else ""),
+        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     atomic_write_json(side, sidecar)
     return sidecar

@@ -354,6 +354,15 @@ register_preset("nayer", "paper", {
     "synth_batch_size": 400, "lr": 0.2, "lr_min": 2e-4, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 20.0,
     "method.g_steps": 30, "method.g_life": 10, "method.g_loops": 2, "method.gwp_loops": 10,
 })
+# Tiny-ImageNet, ResNet-34 -> ResNet-18 (64 px, the zoo's small-image ResNets): scripts/nayer_100.sh:68-73, the
+# authors' one Tiny-ImageNet setting (no other method in this registry ships one). It names its dataset and pair, so
+# `dfkd-bench run --method nayer --preset paper-tiny-imagenet` needs no --dataset/--teacher/--student.
+register_preset("nayer", "paper-tiny-imagenet", {
+    "dataset": "tiny-imagenet", "teacher": "resnet34", "student": "resnet18",
+    "epochs": 120, "warmup_epochs": 20, "ep_steps": 1000, "kd_steps": 1000, "batch_size": 256,
+    "synth_batch_size": 200, "lr": 0.1, "lr_min": 2e-4, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 20.0,
+    "method.g_steps": 60, "method.g_life": 10, "method.g_loops": 4, "method.gwp_loops": 20,
+})
 # The shared budgets: one loop of synth_batch_size images per round and no warm-up (the authors' warm-up
 # exists to run 10 loops per epoch, which would exceed the budget), so images and teacher passes match the
 # other methods'. g_life leaves two generators per run, so the scheduled re-initialization fires.

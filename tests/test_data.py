@@ -226,11 +226,11 @@ def test_the_context_a_method_gets_holds_no_dataset(register_toy, tiny_store, tm
     # every tensor reachable through the context: model weights and the normalizer's mean/std only
     reachable = [t for v in vars(ctx).values() if isinstance(v, nn.Module)
                  for t in list(v.parameters()) + list(v.buffers())]
-    dataset_ptrs = {runner.test_x.data_ptr(), runner.test_y.data_ptr()}
+    dataset_ptrs = {runner.test.images.data_ptr(), runner.test.labels.data_ptr()}
     assert all(t.data_ptr() not in dataset_ptrs for t in reachable)
     assert sorted(name for name, _ in ctx.normalizer.named_buffers()) == ["mean", "std"]
     # the runner's own test split exists, the method simply has no handle on it
-    assert isinstance(runner.test_x, torch.Tensor) and not hasattr(runner.method, "test_x")
+    assert isinstance(runner.test.images, torch.Tensor) and not hasattr(runner.method, "test")
 
 
 def test_idx_header_helper_matches_the_reader(tmp_path):

@@ -4,6 +4,7 @@ trained on it and every method and baseline run one tiny epoch at 64 px."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,19 @@ def test_nayer_runs_on_tiny_imagenet_from_the_command_line(tin_root, tin_store, 
     missing = CliRunner().invoke(cli, [*args[:-2], "--set", "method.label_embeddings=onehot", "--teacher-store",
                                        str(tmp_path / "none"), "--no-train-teacher"])
     assert_user_error(missing, "teacher")
+
+
+def test_nayer_has_the_authors_tiny_imagenet_setting_as_a_preset():
+    result = CliRunner().invoke(cli, ["run", "--method", "nayer", "--preset", "paper-tiny-imagenet", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.stdout)
+    # scripts/nayer_100.sh:70-73 (tmtuan1307/NAYER)
+    assert (cfg["dataset"], cfg["teacher"], cfg["student"]) == ("tiny-imagenet", "resnet34", "resnet18")
+    assert (cfg["batch_size"], cfg["synth_batch_size"], cfg["lr"], cfg["ep_steps"], cfg["kd_steps"]) == \
+        (256, 200, 0.1, 1000, 1000)
+    assert {k: cfg["method_cfg"][k] for k in ("g_steps", "g_loops", "gwp_loops", "g_life")} == \
+        {"g_steps": 60, "g_loops": 4, "gwp_loops": 20, "g_life": 10}
+    elsewhere = CliRunner().invoke(cli, ["run", "--method", "nayer", "--preset", "paper-tiny-imagenet", "--dataset",
+                                         "cifar10", "--dry-run"])
+    assert elsewhere.exit_code == 0 and "the authors' setting for tiny-imagenet; this run is on cifar10" in \
+        elsewhere.stderr
