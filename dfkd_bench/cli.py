@@ -292,14 +292,13 @@ def compare(root, fmt, output, at, wide, memory, last_k, across) -> None:
     import warnings
 
     from .results import (
-        ACROSS_NOTE,
         BUDGET_COLUMNS,
         MEMORY_COLUMNS,
-        NOTE,
         across_teachers,
         collect,
         display_columns,
         failed_runs,
+        note_for,
         summarize,
         to_format,
     )
@@ -341,7 +340,7 @@ def compare(root, fmt, output, at, wide, memory, last_k, across) -> None:
             if shared:
                 title += "\n" + ", ".join(f"{c} {table[c].iloc[0]}" for c in shared)
             cols = [c for c in cols if c not in shared and c not in WIDE_ONLY]
-        out = Table(title=title, caption=ACROSS_NOTE if across else NOTE, caption_justify="left")
+        out = Table(title=title, caption=note_for(table), caption_justify="left")
         for c in cols:
             out.add_column(c, overflow="fold")
         for _, row in table.iterrows():

@@ -66,6 +66,7 @@ class RunConfig:
     amp_cpu: bool = False  # autocast on CPU too: the AMP code path without a GPU (for tests; slower than float32)
     sync_bn_stats: bool = False  # data-parallel runs: BN-statistics losses on the global batch, not each rank's
     eval_batch_size: int = 512
+    selection_images: int = 0  # >0: held-out synthetic images for the data-free checkpoint rule (selection.py)
     teacher_checkpoint: str = ""  # explicit teacher file instead of the store
     teacher_pretrained: bool = False  # a timm:<model> teacher missing from the store: store timm's pretrained weights
     teacher_weights: str = ""  # with teacher_pretrained: a local file of those weights (offline), read by timm
@@ -209,6 +210,8 @@ def resolve_config(method: str, preset: str = "quick", overrides: dict[str, Any]
     if not run.get("student"):
         run["student"] = paper_student(run.get("teacher", RunConfig.teacher)) or DEFAULT_STUDENT
     cfg = RunConfig(**run)
+    if cfg.selection_images and (method_cls.real_data_split is not None or method_cls.student_is_teacher):
+        raise DfkdError(f"selection_images: '{method}' synthesizes no images of its own to hold out")
     method_cfg = method_cls.Config(**method_values)  # a Settings subclass checks itself here
     loss_cfg = loss_cls.Config(**loss_values)
     for scope, values in (("method", method_cfg), ("loss", loss_cfg)):
@@ -237,6 +240,9 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_images", "max_teacher_passes", "max_seconds", "max_epochs", "pool_in_memory", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise DfkdError(f"{name} must be zero (no limit) or positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.selection_images <= MAX_BATCH:
+        raise DfkdError(f"selection_images must be zero (off) or a positive count up to {MAX_BATCH}, got "
+                        f"{cfg.selection_images}")
     for name in ("lr", "lr_min", "temperature", "momentum", "weight_decay", "grad_clip"):
         value = getattr(cfg, name)
         strictly = name in ("lr", "temperature")

@@ -35,6 +35,7 @@ from .registry import SYNTHESIZERS
 from .reporting import Reporter, SilentReporter
 from .rundir import CHECKPOINT, Counters, RunFolder, budget_reached, run_summary
 from .runtime import device_name, rng_state, seed_everything, select_device, set_rng_state
+from .selection import SELECTION, HeldOutBatch
 
 
 class Runner:
@@ -85,6 +86,8 @@ class Runner:
         self.stateful = dict(  # what a checkpoint saves and a resume loads, besides the epoch, RNGs and method
             student=self.student, loss_fn=self.loss_fn, optimizer=self.optimizer, scaler=self.scaler,
             scheduler=self.scheduler, batches=self.batches, counters=self.counters)
+        # the data-free checkpoint rule's held-out images (selection.py); never in the pool
+        self.selection = HeldOutBatch(cfg.selection_images, self.run_dir / SELECTION) if cfg.selection_images else None
         self.start_epoch = 0
         self.folder.write_config(cfg.to_dict())  # only once every input has been checked: a typo leaves no folder
 
@@ -141,11 +144,23 @@ class Runner:
         if distill:
             self.scheduler.step()
         acc = self._evaluate(epoch)
+        agreement = self._selection_agreement(epoch) if distill and self.selection else None
         if stop is None and cfg.max_epochs and epoch + 1 >= cfg.max_epochs < cfg.epochs:
             # the epochs budget stops the schedule `epochs` sets; it never shortens it (that is --set epochs=N)
             stop = f"max_epochs={cfg.max_epochs}"
+        if agreement is not None:
+            terms["selection_agreement"] = [agreement]
         self._end_epoch(epoch, warmup, acc, terms, last=epoch == cfg.epochs - 1 or stop is not None)
         return stop
+
+    def _selection_agreement(self, epoch: int) -> float:
+        """The student's top-1 agreement with the teacher on the held-out images, made after the first epoch
+        that trained the student."""
+        if not self.selection.ready:
+            fresh = SYNTHESIZERS.get(self.cfg.method).batch_source == "fresh"
+            self.selection.make(self.method, self.student, self.ranks, epoch, fresh)
+        return self.selection.agreement(self.teacher, self.student, self.normalizer, self.device,
+                                        self.cfg.eval_batch_size)
 
     def _synthesize(self, terms: dict[str, list[float]]) -> None:
         """One synthesis round: the method makes a batch (student frozen), the batch source takes it."""
@@ -227,6 +242,8 @@ class Runner:
         state = self.folder.load_checkpoint(self.teacher_meta)  # refuses a foreign file or another teacher
         if state is None:
             self.folder.truncate_metrics(0)  # a fresh start: no records of an earlier attempt
+            if self.selection:
+                self.selection.discard()
             return False
         self.folder.check_metrics(state["epoch"] + 1)
         try:
@@ -241,6 +258,8 @@ class Runner:
                             "delete it to start over") from None
         self.start_epoch = state["epoch"] + 1
         self.folder.truncate_metrics(self.start_epoch)
+        if self.selection:
+            self.selection.load(state["epoch"])
         self.reporter.message(f"resumed {self.run_dir} after epoch {self.start_epoch}")
         return True
 
@@ -250,6 +269,8 @@ class Runner:
                               student_arch=getattr(self.student, "dfkd_name", None), ranks=self.ranks.summary(self.cfg),
                               device=device_name(self.device), amp_dtype=self.cfg.amp_dtype if self.amp else None,
                               normalization=self.normalizer.values)
+        if self.selection:
+            summary["selection"] = self.selection.summary()
         self.folder.write_outputs(summary, student=self.student.state_dict() if status != "failed" else None,
                                   samples=self.batches.samples(),
                                   pool=self.pool.state_dict() if self.cfg.synthesis_only else None)

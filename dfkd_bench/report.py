@@ -24,10 +24,10 @@ from .errors import DfkdError  # noqa: E402
 from .registry import SYNTHESIZERS  # noqa: E402
 from .results import (  # noqa: E402
     FINISHED,
-    NOTE,
     collect,
     display_columns,
     is_baseline,
+    note_for,
     scored_by_teacher,
     summarize,
     to_format,
@@ -217,7 +217,7 @@ def _write_html(out_dir: Path, table: pd.DataFrame, written: dict[str, list[Path
         "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}",
         "td,th{border:1px solid #ccc;padding:3px 6px} img{max-width:640px;margin:4px}",
         "</style></head><body><h1>dfkd-bench report</h1>",
-        f"<p>{html.escape(NOTE)} Speed-up: DeepInversion's synthesis time over the method's.</p>",
+        f"<p>{html.escape(note_for(table))} Speed-up: DeepInversion's synthesis time over the method's.</p>",
         shown.to_html(index=False, escape=True, na_rep="-"),
         "<h2>Curves</h2><p>Mean over seeds per epoch; the band is ± one std where two or more seeds reached "
         "the epoch; n in the legend.</p>", *(_img(p) for p in written["plots"]),

@@ -98,8 +98,11 @@ def _finite_or_none(value: Any) -> bool:
 
 
 # Run fields that say where or how a run ran, not what it computed, or that are grouped on already.
+# selection_images changes no trained number (selection.py restores the method and RNGs; tests/test_selection.py),
+# and the teacher's source is told apart by its sha256.
 _NOT_SETTINGS = {"method", "dataset", "teacher", "student", "preset", "loss", "seed", "device", "eval_batch_size",
-                 "teacher_checkpoint", "method_cfg", "loss_cfg"}
+                 "teacher_checkpoint", "method_cfg", "loss_cfg", "selection_images", "teacher_pretrained",
+                 "teacher_weights"}
 
 
 def settings_beyond_preset(config: dict[str, Any]) -> str:
@@ -146,8 +149,21 @@ def collect(root: Path, at: tuple[str, float] | None = None, last_k: int = LAST_
                 row.update(status=MALFORMED, reason=str(exc), final_acc=None)
             records = []
         row.update(_last_k(records, last_k))
+        row.update(data_free_pick(records))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def data_free_pick(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data-free checkpoint rule (selection.py) applied after the fact: the epoch whose student agreed most
+    with the teacher on the run's held-out synthetic images (the latest on a tie) and that epoch's test
+    accuracy; None for both when the run recorded no agreement (``selection_images`` off)."""
+    scored = [r for r in records if isinstance(r.get("selection_agreement"), (int, float))
+              and isinstance(r.get("test_acc"), (int, float))]
+    if not scored:
+        return {"selected_epoch": None, "selected_acc": None}
+    best = max(scored, key=lambda r: (r["selection_agreement"], r["epoch"]))
+    return {"selected_epoch": best["epoch"], "selected_acc": best["test_acc"]}
 
 
 def _last_k(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
@@ -265,11 +281,15 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             # the mean over seeds of each run's last-k mean, ± the mean over seeds of each run's swing over them
             stability = f"{g['last_k_mean'].mean():.2f} ± {g['last_k_std'].mean():.2f}"
             row[f"last-{int(g['last_k'].iloc[0])} epochs"] = stability
+        if "selected_acc" in g and g["selected_acc"].notna().any():
+            row[PICK_COLUMN] = _fmt_mean_std(estimate(g["selected_acc"].dropna().tolist()))
         rows.append(row)
         samples.append(g["final_acc"].tolist())
     if not rows:
         return pd.DataFrame(rows)
     table = pd.DataFrame(rows)
+    if PICK_COLUMN in table:  # groups without the rule's records
+        table[PICK_COLUMN] = table[PICK_COLUMN].fillna("-")
     # a memory column no run measured (CUDA on CPU runs, or summaries older than the field) is left out
     table = table.drop(columns=[c for c in MEMORY_COLUMNS.values() if c in table and (table[c] == "-").all()])
     marks: dict[int, Mark] = {}
@@ -282,9 +302,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+PICK_COLUMN = "data-free pick"
 DISPLAY_COLUMNS = [k for k in GROUP_KEYS if k != "teacher sha256"] + ["side information",
     "acc (last epoch)", "95% CI", "n seeds", "best group", "p vs best", "epochs at budget", "last-k epochs",
-    "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s",
+    PICK_COLUMN, "best-epoch acc (test-selected)", "teacher acc", "teacher sha256", "images", "synthesis s", "total s",
     "peak RSS MiB", "peak CUDA MiB"]
 # machine-readable copies of the statistics, for the csv format only
 NUMERIC_COLUMNS = ["acc_mean", "acc_std", "ci95_low", "ci95_high", "p_vs_best"]
@@ -297,6 +318,16 @@ NOTE = ("Score: test accuracy of the last epoch (with --at: of the last epoch wi
         "ranked). The best-epoch column is selected on the test set and is not a score. last-k epochs: the mean "
         "over seeds of each run's mean accuracy over its last k epochs, ± the mean over seeds of the sample std "
         "over those k epochs (how far a run swings from epoch to epoch); a stability measure, not a score.")
+PICK_NOTE = (" data-free pick (runs with selection_images > 0): the test accuracy of the epoch whose student agreed "
+             "most with the teacher on held-out synthetic images the method made once and the student never trained "
+             "on (the latest epoch on a tie), mean ± std over seeds; the choice uses no real data.")
+
+
+def note_for(table: pd.DataFrame) -> str:
+    """The note printed under ``table``: what its columns mean."""
+    if is_across(table):
+        return ACROSS_NOTE
+    return NOTE + (PICK_NOTE if PICK_COLUMN in table.columns else "")
 
 
 ACROSS_KEYS = ["dataset", "teacher arch", "student", "method", "loss", "preset", "settings"]
@@ -396,7 +427,7 @@ def to_format(table: pd.DataFrame, fmt: str, extra: list[str] | None = None) -> 
     """The table as csv, markdown (with the note below it) or latex (the note as a comment above it),
     with the display columns plus ``extra``; csv also carries the numeric statistics."""
     numeric = NUMERIC_COLUMNS if fmt == "csv" else []
-    note = ACROSS_NOTE if is_across(table) else NOTE
+    note = note_for(table)
     table = table[display_columns(table, (extra or []) + numeric)]
     if fmt == "csv":
         return table.to_csv(index=False)
@@ -417,4 +448,4 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 __all__ = ["collect", "summarize", "to_format", "failed_runs", "find_runs", "load_run", "read_metrics", "METRICS",
-           "is_baseline", "within_budget", "NOTE"]
+           "is_baseline", "within_budget", "NOTE", "note_for"]

@@ -47,7 +47,7 @@ CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.
 STUDENT, SAMPLES, POOL, LOCK = "student.pt", "samples.png", "pool.pt", ".lock"
 
 # Fields that may differ between the attempts of one run (where it runs, how fast it evaluates).
-_IGNORED_FOR_RESUME = {"device", "eval_batch_size"}
+_IGNORED_FOR_RESUME = {"device", "eval_batch_size", "teacher_pretrained", "teacher_weights"}  # the sha256 decides
 
 
 # Record fields that depend on the machine and its load, not on the arithmetic of the run.
