@@ -5,9 +5,9 @@ WRN-16-1) and times, interleaved over several repetitions:
 
 - synthesis: ``Runner._synthesize`` (the guard, the rank gather, the finiteness check, handing the batch to
   the pool, the counters) against ``method.synthesize()`` called bare on the same method;
-- student steps: ``Runner._distill_step`` (pool sampling, per-sample augmentation, ``StudentLoss``, the
-  GradScaler, the loss checks and means, the method's hook) against a bare step: the same augmentation,
-  teacher forward, student forward, KL loss, backward and SGD step on one fixed batch, with nothing else.
+- student steps: ``Runner._distill_step`` (pool sampling, the GradScaler, the loss checks and rank means, the
+  method's hook) against a bare step: the same augmentation, teacher forward, distillation loss (student
+  forward, and a loss's own head such as CSD's), backward and SGD step on one fixed batch, nothing else.
 
 It prints the median seconds and their ratio (runner / bare) per method; the project's target is at most
 1.10x. ``--profile METHOD`` prints ``torch.profiler``'s table of one runner round of that method instead.
@@ -24,10 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dfkd_bench.config import resolve_config
 from dfkd_bench.engine import Runner
+from dfkd_bench.method import Outputs
 from dfkd_bench.registry import SYNTHESIZERS, load_plugins
 
 SETTINGS = {"batch_size": 128, "synth_batch_size": 128, "kd_steps": 20, "ep_steps": 20, "epochs": 1,
@@ -42,14 +42,16 @@ def build(method: str, folder: Path, overrides: dict | None = None, store: Path 
     return Runner(cfg, method_cfg, loss_cfg, folder / method, store)
 
 
-def bare_step(runner: Runner, images: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One student step with nothing but the network passes the runner's step makes."""
+def bare_step(runner: Runner, images: torch.Tensor, labels: torch.Tensor | None,
+              optimizer: torch.optim.Optimizer) -> None:
+    """One student step with nothing but the network passes the runner's step makes: augmentation, the
+    teacher's forward, the run's distillation loss (the student's forward and any head of the loss, CSD's
+    included), backward and the optimizer step; no pool, scaler, rank means, checks or hooks."""
     x = runner.normalizer(runner.augment(images))
     with torch.no_grad():
-        t = runner.teacher(x)
-    s = runner.student(x)
-    T = runner.cfg.temperature
-    loss = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean") * T * T
+        feats = runner.teacher.forward_features(x)
+        t = Outputs(feats, runner.teacher.forward_head(feats))
+    loss = sum(runner.student_loss(x, t, labels).values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -69,8 +71,8 @@ def measure(method: str, reps: int, folder: Path, overrides: dict | None = None,
     runner.method.ctx.student_lr = runner.optimizer.param_groups[0]["lr"]
     runner.method.on_epoch_start(0, False)
     runner._synthesize(terms)  # warm-up: allocations, a pool to draw from
-    images, _ = runner.batches.next()
-    bare_opt = torch.optim.SGD(runner.student.parameters(), lr=1e-4, momentum=0.9)
+    images, labels = runner.batches.next()
+    bare_opt = torch.optim.SGD(runner.params, lr=1e-4, momentum=0.9)
     out: dict[str, list[float]] = defaultdict(list)
 
     def bare_synthesis() -> None:
@@ -82,7 +84,7 @@ def measure(method: str, reps: int, folder: Path, overrides: dict | None = None,
         out["synth runner"].append(timed(lambda: runner._synthesize(terms)))
         out["synth bare"].append(timed(bare_synthesis))
         out["step runner"].append(timed(lambda: [runner._distill_step(terms) for _ in range(runner.cfg.kd_steps)]))
-        out["step bare"].append(timed(lambda: [bare_step(runner, images, bare_opt)
+        out["step bare"].append(timed(lambda: [bare_step(runner, images, labels, bare_opt)
                                                for _ in range(runner.cfg.kd_steps)]))
     return {k: statistics.median(v) for k, v in out.items()}
 
