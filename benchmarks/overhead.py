@@ -5,9 +5,10 @@ WRN-16-1) and times, interleaved over several repetitions:
 
 - synthesis: ``Runner._synthesize`` (the guard, the rank gather, the finiteness check, handing the batch to
   the pool, the counters) against ``method.synthesize()`` called bare on the same method;
-- student steps: ``Runner._distill_step`` (pool sampling, the GradScaler, the loss checks and rank means, the
-  method's hook) against a bare step: the same augmentation, teacher forward, distillation loss (student
-  forward, and a loss's own head such as CSD's), backward and SGD step on one fixed batch, nothing else.
+- student steps: ``Runner._distill_step`` (pool sampling, the GradScaler, the loss checks and rank means)
+  against a bare step: the same augmentation, teacher forward, distillation loss (student forward, and a
+  loss's own head), backward, SGD step and the method's after-step passes (CSD's rotation head) on one
+  fixed batch, nothing else.
 
 It prints the median seconds and their ratio (runner / bare) per method; the project's target is at most
 1.10x. ``--profile METHOD`` prints ``torch.profiler``'s table of one runner round of that method instead.
@@ -45,8 +46,8 @@ def build(method: str, folder: Path, overrides: dict | None = None, store: Path 
 def bare_step(runner: Runner, images: torch.Tensor, labels: torch.Tensor | None,
               optimizer: torch.optim.Optimizer) -> None:
     """One student step with nothing but the network passes the runner's step makes: augmentation, the
-    teacher's forward, the run's distillation loss (the student's forward and any head of the loss, CSD's
-    included), backward and the optimizer step; no pool, scaler, rank means, checks or hooks."""
+    teacher's forward, the run's distillation loss (the student's forward and any head of the loss), backward,
+    the optimizer step and the method's after-step passes; no pool, scaler, rank means or checks."""
     x = runner.normalizer(runner.augment(images))
     with torch.no_grad():
         feats = runner.teacher.forward_features(x)
@@ -55,6 +56,7 @@ def bare_step(runner: Runner, images: torch.Tensor, labels: torch.Tensor | None,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    runner.method.after_student_step(x, labels)  # the method's own passes (CSD trains its rotation head here)
 
 
 def timed(fn) -> float:
