@@ -110,19 +110,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="", help="comma-separated (default: every method with a pool)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", default="", metavar="METHOD")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run setting for every method (e.g. channels_last=true); repeatable")
     args = parser.parse_args(argv)
+    overrides = dict(a.split("=", 1) for a in args.assignments)
     load_plugins()
     with tempfile.TemporaryDirectory() as tmp:
         if args.profile:
             return profile(args.profile, Path(tmp))
         names = args.methods.split(",") if args.methods else [
             n for n, c in SYNTHESIZERS.items() if not c.is_baseline and c.batch_source == "pool"]
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; settings {SETTINGS}; median of "
-              f"{args.reps} interleaved repetitions; student steps: {SETTINGS['kd_steps']} per round")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; settings {SETTINGS | overrides}; "
+              f"median of {args.reps} interleaved repetitions; student steps: {SETTINGS['kd_steps']} per round")
         print("| method | synthesis runner s | bare s | ratio | student steps runner s | bare s | ratio |")
         print("|---|---|---|---|---|---|---|")
         for name in names:
-            m = measure(name, args.reps, Path(tmp))
+            m = measure(name, args.reps, Path(tmp), overrides)
             print(f"| {name} | {m['synth runner']:.3f} | {m['synth bare']:.3f} | "
                   f"{m['synth runner'] / m['synth bare']:.2f} | {m['step runner']:.3f} | {m['step bare']:.3f} | "
                   f"{m['step runner'] / m['step bare']:.2f} |", flush=True)

@@ -493,3 +493,13 @@ def test_parse_assignments_splits_at_the_first_equals_sign():
 def test_nan_learning_rate_or_temperature_is_rejected(key):
     with pytest.raises(DfkdError):
         resolve_config("deepinversion", "quick", {key: "nan"})
+
+
+def test_channels_last_runs_and_stores_a_student_a_plain_model_loads(tiny_store, tmp_path):
+    runner = tiny_runner("fast", tmp_path / "run", tiny_store, {"channels_last": True, "method.g_steps": 1})
+    convs = [m for model in (runner.teacher, runner.student) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert runner.run()["status"] == "complete"
+    student = timm.create_model("wrn16_1", num_classes=TINY_CLASSES, in_chans=TINY_SHAPE[0])
+    student.load_state_dict(load_state_dict(tmp_path / "run" / "student.pt"))  # default memory format
