@@ -452,13 +452,6 @@ def _open_gray(path: str):
         return Image.open(fh).convert("L")
 
 
-def _open_rgb(path: str):
-    from PIL import Image
-
-    with open(path, "rb") as fh:
-        return Image.open(fh).convert("RGB")
-
-
 class FolderSplit(ImageSplit):
     """A split read lazily from ``<root>/<class>/<image>`` folders (torchvision's ``ImageFolder``: classes are
     the sorted folder names, images sorted within each), decoded by DataLoader workers.
@@ -470,13 +463,14 @@ class FolderSplit(ImageSplit):
     def __init__(self, folder: Path, image_size: int, resize: int, channels: int, train: bool):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import pil_loader  # PIL, as RGB
 
         steps = ([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if train else
                  [T.Resize(resize), T.CenterCrop(image_size)])
         try:
             # allow_empty: a class folder without images keeps its label index (the classes are the folders)
             self.dataset = ImageFolder(str(folder), transform=T.Compose([*steps, T.PILToTensor()]),
-                                       loader=_open_gray if channels == 1 else _open_rgb, allow_empty=True)
+                                       loader=_open_gray if channels == 1 else pil_loader, allow_empty=True)
         except (FileNotFoundError, OSError) as exc:
             raise DfkdError(f"cannot read the class folders in {folder}: {str(exc).splitlines()[0]}") from None
         self.folder = folder

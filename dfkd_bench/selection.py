@@ -83,7 +83,8 @@ class HeldOutBatch:
                     with torch.no_grad():
                         drawn = method.draw(self.n) if hasattr(method, "draw") else method.sample(self.n).images
                     parts.append(drawn.detach().float().cpu())
-                while made < self.n and not fresh:
+                    made = len(drawn)
+                while made < self.n:
                     batch = ranks.gather(method.synthesize())
                     if not len(batch.images):
                         raise DfkdError(f"{type(method).__name__} made no images in a round: selection_images "

@@ -573,28 +573,36 @@ def import_teacher(path: Path, fmt: str, spec: DatasetSpec, arch: str, store: Pa
         raise DfkdError("--mean and --std go together: give both, or neither for the dataset's normalization")
     mean, std = (tuple(mean), tuple(std)) if mean is not None else (tuple(spec.mean), tuple(spec.std))
     check_normalization(mean, std, spec)
-    base, variant = split_teacher(arch)
+    base, _ = split_teacher(arch)
     resolved, name = resolve_model_name(base, spec.image_size), stored_name(arch, spec.image_size)
     refuse_replacing(teacher_paths(store, spec.name, name)[0], force)
     model = create_model(base, spec.num_classes, spec.channels, spec.image_size)
     state = IMPORT_FORMATS[fmt](load_state_dict(Path(path)), model)
     load_weights(model, state, str(path), resolved)
-    accuracy = _measure(model, spec, mean, std, device)
-    ckpt, side = teacher_paths(store, spec.name, name)
-    atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    sidecar = {
-        "arch": resolved, "variant": variant, "requested_arch": arch, "dataset": spec.name,
-        "num_classes": spec.num_classes, "in_chans": spec.channels, "image_size": spec.image_size,
-        "test_accuracy": accuracy,
-        "normalization": Normalizer(mean, std).values, "sha256": sha256_file(ckpt),
-        "imported_from": str(path), "import_format": fmt, "source_sha256": sha256_file(Path(path)),
-        "command": f"dfkd-bench teacher import --format {fmt} {path} --arch {arch} --dataset {spec.name}",
-        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    source = {"imported_from": str(path), "import_format": fmt, "source_sha256": sha256_file(Path(path)),
+              "command": f"dfkd-bench teacher import --format {fmt} {path} --arch {arch} --dataset {spec.name}"}
     standard = STANDARD_TEACHERS.get(Path(path).name)
     if standard is not None:
-        sidecar["standard"] = {"file": Path(path).name, "dataset": standard[0], "arch": standard[1],
-                               "published_accuracy": standard[2], "source": STANDARD_SOURCE}
+        source["standard"] = {"file": Path(path).name, "dataset": standard[0], "arch": standard[1],
+                              "published_accuracy": standard[2], "source": STANDARD_SOURCE}
+    return _store_measured(model, spec, arch, store, mean, std, device, source)
+
+
+def _store_measured(model: nn.Module, spec: DatasetSpec, arch: str, store: Path, mean: tuple[float, ...],
+                    std: tuple[float, ...], device: str, source: dict[str, Any]) -> dict[str, Any]:
+    """Measure a teacher that was not trained here under (mean, std), store its weights and sidecar (the
+    shared fields, then ``source``: where it came from and the command). Returns the sidecar."""
+    base, variant = split_teacher(arch)
+    accuracy = _measure(model, spec, mean, std, device)
+    ckpt, side = teacher_paths(store, spec.name, stored_name(arch, spec.image_size))
+    atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    sidecar = {
+        "arch": resolve_model_name(base, spec.image_size), "variant": variant, "requested_arch": arch,
+        "dataset": spec.name, "num_classes": spec.num_classes, "in_chans": spec.channels,
+        "image_size": spec.image_size, "test_accuracy": accuracy, "normalization": Normalizer(mean, std).values,
+        "sha256": sha256_file(ckpt), **source,
+        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     atomic_write_json(side, sidecar)
     return sidecar
 
@@ -625,13 +633,12 @@ def import_pretrained(spec: DatasetSpec, arch: str, store: Path, weights: str = 
         DfkdError: not a ``timm:`` name; the weights cannot be fetched (offline) or read; they classify another
             number of classes than ``spec`` has; or a teacher is stored already (without ``force``).
     """
-    base, variant = split_teacher(arch)
+    base, _ = split_teacher(arch)
     if not base.startswith(EXPLICIT_TIMM_PREFIX):
         raise DfkdError(f"pretrained weights come from timm: name the teacher timm:<model> (e.g. timm:resnet50), "
                         f"not '{arch}'")
-    resolved, name = resolve_model_name(base, spec.image_size), stored_name(arch, spec.image_size)
-    ckpt, side = teacher_paths(store, spec.name, name)
-    refuse_replacing(ckpt, force)
+    resolved = resolve_model_name(base, spec.image_size)
+    refuse_replacing(teacher_paths(store, spec.name, stored_name(arch, spec.image_size))[0], force)
     import timm
 
     overlay = {}
@@ -656,18 +663,9 @@ def import_pretrained(spec: DatasetSpec, arch: str, store: Path, weights: str = 
     mean, std = tuple(cfg.get("mean", spec.mean)), tuple(cfg.get("std", spec.std))
     if len(mean) != spec.channels:
         mean, std = tuple(spec.mean), tuple(spec.std)
-    accuracy = _measure(model, spec, mean, std, device)
-    atomic_torch_save(ckpt, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    sidecar = {
-        "arch": resolved, "variant": variant, "requested_arch": arch, "dataset": spec.name,
-        "num_classes": spec.num_classes, "in_chans": spec.channels, "image_size": spec.image_size,
-        "test_accuracy": accuracy, "normalization": Normalizer(mean, std).values, "sha256": sha256_file(ckpt),
-        "pretrained": {"source": "timm", "tag": cfg.get("tag"), "hf_hub_id": cfg.get("hf_hub_id"),
-                       "file": str(Path(weights).resolve()) if weights else None,
-                       "file_sha256": sha256_file(Path(weights)) if weights else None},
-        "command": f"dfkd-bench teacher pretrained {arch} --dataset {spec.name}"
-                   + (f" --weights {weights}" if weights else ""),
-        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_json(side, sidecar)
-    return sidecar
+    source = {"pretrained": {"source": "timm", "tag": cfg.get("tag"), "hf_hub_id": cfg.get("hf_hub_id"),
+                             "file": str(Path(weights).resolve()) if weights else None,
+                             "file_sha256": sha256_file(Path(weights)) if weights else None},
+              "command": f"dfkd-bench teacher pretrained {arch} --dataset {spec.name}"
+                         + (f" --weights {weights}" if weights else "")}
+    return _store_measured(model, spec, arch, store, mean, std, device, source)
