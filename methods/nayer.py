@@ -178,14 +178,15 @@ def default_init_(module: nn.Module) -> None:
 
 
 class NoisyLayerGenerator(nn.Module):
-    """Label embedding -> BatchNorm1d -> noisy layer -> the DCGAN-style generator (with ``le_emb_size`` inputs).
+    """Label embedding -> BatchNorm1d -> noisy layer -> the DCGAN-style generator (with ``le_emb_size`` inputs),
+    or ``body`` when given (then ``ngf`` is unused).
 
     The noisy layer is ``ceil(batch / K)`` linear maps; sample ``j`` of a batch goes through map ``j // K``,
     so with class-balanced targets each map serves one sample of each class.
     """
 
     def __init__(self, embeddings: torch.Tensor, le_emb_size: int, ngf: int, image_size: int, channels: int,
-                 batch_size: int):
+                 batch_size: int, body: nn.Module | None = None):
         super().__init__()
         num_classes, dim = embeddings.shape
         self.num_classes = num_classes
@@ -194,7 +195,8 @@ class NoisyLayerGenerator(nn.Module):
         maps = math.ceil(batch_size / num_classes)
         self.noise_weight = nn.Parameter(torch.empty(maps, le_emb_size, dim))
         self.noise_bias = nn.Parameter(torch.empty(maps, le_emb_size))
-        self.body = Generator(le_emb_size, ngf, image_size, channels)
+        # what the noisy layer feeds: the DCGAN-style generator, or a method's own (CPNet's teacher-shaped one)
+        self.body = Generator(le_emb_size, ngf, image_size, channels) if body is None else body
         self.reinitialize()
 
     def reset_noisy_layer(self) -> None:
@@ -220,6 +222,39 @@ class NoisyLayerGenerator(nn.Module):
 
 # ---------------------------------------------------------------- the method
 
+@dataclass
+class NoisyLayerSettings(MethodSettings):
+    """The settings of a noisy-layer method (NAYER and its fork CPNet): defaults are NAYER datafree_kd.py's
+    arguments as the authors' CIFAR-10 scripts set them (scripts/nayer_*.sh)."""
+
+    g_steps: int = at_least(1, default=30)  # 40 in the CIFAR-100 scripts
+    lr_g: float = 4e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+    bn: float = 10.0
+    oh: float = 0.5
+    adv: float = 1.33
+    bn_momentum: float = 0.9
+    le_emb_size: int = at_least(1, default=1000)  # the noisy layer's output width
+    g_life: int = at_least(1, default=10)  # rounds between generator re-initializations
+    g_loops: int = 2  # synthesis loops per round (each with a fresh noisy layer)
+    gwp_loops: int = 10  # loops per round in warm-up epochs
+    label_embeddings: str = "auto"  # auto, text, onehot or a file; config.json records the resolved one
+
+    def __post_init__(self) -> None:
+        # resolve here, so the config written into the run says which embeddings were used
+        if self.label_embeddings == "auto":
+            self.label_embeddings = "text" if text_encoder_available() else "onehot"
+        elif self.label_embeddings not in EMBEDDING_SOURCES:
+            self.label_embeddings = str(Path(self.label_embeddings).expanduser().resolve())
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.label_embeddings not in EMBEDDING_SOURCES and not Path(self.label_embeddings).is_file():
+            raise DfkdError(f"method.label_embeddings: no file {self.label_embeddings} "
+                            f"(give a file, or one of {', '.join(EMBEDDING_SOURCES)})")
+
+
 @SYNTHESIZERS.register
 class NAYER(Synthesizer):
     name = "nayer"
@@ -227,36 +262,10 @@ class NAYER(Synthesizer):
     summary = "label-text embeddings through a noisy layer re-initialized every loop; generator reset every g_life"
 
     @dataclass
-    class Config(MethodSettings):
+    class Config(NoisyLayerSettings):
         """Defaults: datafree_kd.py's arguments as the authors' CIFAR-10 scripts set them (scripts/nayer_*.sh)."""
 
-        g_steps: int = at_least(1, default=30)  # 40 in the CIFAR-100 scripts
-        lr_g: float = 4e-3
-        beta1: float = 0.5
-        beta2: float = 0.999
-        bn: float = 10.0
-        oh: float = 0.5
-        adv: float = 1.33
-        bn_momentum: float = 0.9
         ngf: int = at_least(1, default=64)
-        le_emb_size: int = at_least(1, default=1000)  # the noisy layer's output width
-        g_life: int = at_least(1, default=10)  # rounds between generator re-initializations
-        g_loops: int = 2  # synthesis loops per round (each with a fresh noisy layer)
-        gwp_loops: int = 10  # loops per round in warm-up epochs
-        label_embeddings: str = "auto"  # auto, text, onehot or a file; config.json records the resolved one
-
-        def __post_init__(self) -> None:
-            # resolve here, so the config written into the run says which embeddings were used
-            if self.label_embeddings == "auto":
-                self.label_embeddings = "text" if text_encoder_available() else "onehot"
-            elif self.label_embeddings not in EMBEDDING_SOURCES:
-                self.label_embeddings = str(Path(self.label_embeddings).expanduser().resolve())
-            super().__post_init__()
-
-        def check(self) -> None:
-            if self.label_embeddings not in EMBEDDING_SOURCES and not Path(self.label_embeddings).is_file():
-                raise DfkdError(f"method.label_embeddings: no file {self.label_embeddings} "
-                                f"(give a file, or one of {', '.join(EMBEDDING_SOURCES)})")
 
     @classmethod
     def side_information(cls, cfg) -> str:
@@ -269,7 +278,7 @@ class NAYER(Synthesizer):
         super().__init__(ctx, cfg)
         c, h, _ = ctx.image_shape
         embeddings = resolve_label_embeddings(ctx, cfg.label_embeddings)
-        self.generator = NoisyLayerGenerator(embeddings, cfg.le_emb_size, cfg.ngf, h, c, ctx.synth_batch_size)
+        self.generator = self.build_generator(embeddings)
         self.bn_stats = BNStatistics(ctx.teacher, momentum=cfg.bn_momentum, active=False)  # on in synthesis only
         self.augment = crop_flip(h)
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))  # rounds synthesized so far
@@ -278,6 +287,11 @@ class NAYER(Synthesizer):
 
     def on_epoch_start(self, epoch: int, warmup: bool) -> None:
         self.warmup = warmup
+
+    def build_generator(self, embeddings: torch.Tensor) -> NoisyLayerGenerator:
+        """The noisy layer in front of the DCGAN-style generator (NAYER datafree_kd.py:289)."""
+        c, h, _ = self.ctx.image_shape
+        return NoisyLayerGenerator(embeddings, self.cfg.le_emb_size, self.cfg.ngf, h, c, self.ctx.synth_batch_size)
 
     def _reset_due(self, round_: int) -> bool:
         """The authors' schedule: every ``g_life`` rounds from the first, and every ``g_life`` from the
@@ -313,19 +327,7 @@ class NAYER(Synthesizer):
             # a new optimizer per loop: the noisy layer it starts from is new, so are Adam's moments
             opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
 
-            def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                x_unit = self.generator(targets)
-                x = ctx.normalizer(self.augment(x_unit))
-                with ctx.autocast():
-                    t = ctx.teacher(x).float()
-                    # the student's logits only feed the adversarial term: skip its forward otherwise
-                    s = ctx.student(x).float() if adversarial else None
-                terms = {"bn": cfg.bn * self.bn_stats.loss(), "ce": cfg.oh * F.cross_entropy(t, targets)}
-                if adversarial:
-                    terms["adv"] = cfg.adv * adversarial_loss(s, t)
-                return x_unit, terms
-
-            run = invert(opt, cfg.g_steps, forward)
+            run = invert(opt, cfg.g_steps, lambda: self._forward(targets, adversarial))
             curve += run.curve
             last = run.last_terms
             self.bn_stats.update_ema()
@@ -337,6 +339,20 @@ class NAYER(Synthesizer):
                               torch.empty(0, dtype=torch.long, device=ctx.device))
         return SynthBatch(torch.cat(images), torch.cat(labels), {**last, "total": curve[-1]}, curve,
                           teacher_passes=n * cfg.g_steps * loops)
+
+    def _forward(self, targets: torch.Tensor, adversarial: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One synthesis step's images in [0, 1] and weighted terms (datafree/synthesis/nayer.py:198-216)."""
+        cfg, ctx = self.cfg, self.ctx
+        x_unit = self.generator(targets)
+        x = ctx.normalizer(self.augment(x_unit))
+        with ctx.autocast():
+            t = ctx.teacher(x).float()
+            # the student's logits only feed the adversarial term: skip its forward otherwise
+            s = ctx.student(x).float() if adversarial else None
+        terms = {"bn": cfg.bn * self.bn_stats.loss(), "ce": cfg.oh * F.cross_entropy(t, targets)}
+        if adversarial:
+            terms["adv"] = cfg.adv * adversarial_loss(s, t)
+        return x_unit, terms
 
     def get_extra_state(self) -> dict[str, Any]:
         # the BN-statistics moving average belongs to no module, so checkpoints need it spelled out
@@ -366,6 +382,6 @@ register_preset("nayer", "paper-tiny-imagenet", {
 # The shared budgets: one loop of synth_batch_size images per round and no warm-up (the authors' warm-up
 # exists to run 10 loops per epoch, which would exceed the budget), so images and teacher passes match the
 # other methods'. g_life leaves two generators per run, so the scheduled re-initialization fires.
-_SHARED = {"warmup_epochs": 0, "method.g_loops": 1, "method.gwp_loops": 1, "method.label_embeddings": "onehot"}
-register_preset("nayer", "quick", {**QUICK_PROTOCOL, **_SHARED, "method.g_steps": 20, "method.g_life": 5})
-register_preset("nayer", "cpu", {**CPU_PROTOCOL, **_SHARED, "method.g_steps": 30, "method.g_life": 10})
+SHARED_BUDGET = {"warmup_epochs": 0, "method.g_loops": 1, "method.gwp_loops": 1, "method.label_embeddings": "onehot"}
+register_preset("nayer", "quick", {**QUICK_PROTOCOL, **SHARED_BUDGET, "method.g_steps": 20, "method.g_life": 5})
+register_preset("nayer", "cpu", {**CPU_PROTOCOL, **SHARED_BUDGET, "method.g_steps": 30, "method.g_life": 10})
