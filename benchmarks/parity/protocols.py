@@ -19,7 +19,7 @@ from dfkd_bench.errors import DfkdError
 
 # luoshiya/CSD, zju-vipa/Fast-Datafree, zju-vipa/CMI: the name a checkout is known by in results.
 REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI": "zju-vipa/CMI",
-         "NAYER": "tmtuan1307/NAYER"}
+         "NAYER": "tmtuan1307/NAYER", "CPNet": "LannCX/CPNet"}
 
 # What every protocol shares. Student SGD as in all three datafree_kd.py (momentum 0.9 hard-coded,
 # --wd default 1e-4, which none of the scripts used here overrides), cosine over the rounds to
@@ -66,6 +66,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
               "lr_g": 4e-3, "bn": 10.0, "oh": 0.5, "adv": 1.33, "bn_mmt": 0.9, "le_emb_size": 1000,
               "g_life": 3, "g_loops": 2, "gwp_loops": 10, "label_embeddings": "onehot"},
 }
+# CPNet cpnet_100.sh:43-46 (CIFAR-10 WRN-40-2 -> WRN-16-1) sets NAYER's values, and its datafree_kd.py keeps NAYER's
+# defaults: the NAYER protocol as it is (its --dist is not a key: CoupledSynthesizer stores it and never reads it)
+PROTOCOLS["cpnet"] = {k: v for k, v in PROTOCOLS["nayer"].items() if k != "ngf"}  # the teacher sets its widths
 
 # The long horizon: the rounds a method's persistent state needs before it can pay off, or not (each
 # protocol as above, only longer; results go to their own --output, results/parity/long).
@@ -85,6 +88,7 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "cmi": ("CMI", "Fast-Datafree", "CSD"),
     "deepinversion": ("CMI", "Fast-Datafree", "CSD"),
     "nayer": ("NAYER",),
+    "cpnet": ("CPNet",),
     "dfq": ("CMI",),  # Fast-Datafree's datafree_kd.py:270 builds it with student=teacher (no adversary)
 }
 # Online methods: a new generator batch for every student step, no pool; "rounds" are epochs of

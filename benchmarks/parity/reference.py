@@ -62,7 +62,7 @@ def check_supported(method: str, repo: str, proto: dict[str, Any]) -> None:
     if repo not in REFERENCES[method]:
         wanted = " or ".join(REPOS[r] for r in REFERENCES[method])
         raise DfkdError(f"method '{method}' runs from a checkout of {wanted}, not {REPOS[repo]}")
-    if proto["warmup"] and method not in ("fast", "fast_meta", "nayer"):
+    if proto["warmup"] and method not in ("fast", "fast_meta", "nayer", "cpnet"):
         raise DfkdError(f"only Fast's and NAYER's synthesizers know a warm-up (their adversarial term waits "
                         f"for it); set warmup 0 for '{method}'")
     if proto.get("augment", True) != (method not in ONLINE):
@@ -120,6 +120,20 @@ def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str
             synthesis_batch_size=p["synth_batch_size"], sample_batch_size=p["batch_size"], g_steps=p["g_steps"],
             warmup=p["warmup"], lr_g=p["lr_g"], adv=p["adv"], bn=p["bn"], oh=p["oh"], bn_mmt=p["bn_mmt"],
             g_life=p["g_life"], g_loops=p["g_loops"], gwp_loops=p["gwp_loops"])
+    if method == "cpnet":  # CPNet: 369-390, the generator planned from the teacher's nodes by their get_cfg
+        embeddings = label_embeddings(p["label_embeddings"], spec.num_classes)
+        cfg_list, init_size, bn_nodes = datafree.models.generator.get_cfg(teacher, img_size=img_size,
+                                                                          net_name=shims.ZOO_WRN_NODES)
+        generator = datafree.models.generator.CoupledGenerator(
+            cfg_list, init_size=init_size, n_classes=spec.num_classes, le_emb_size=p["le_emb_size"],
+            label_emb=embeddings, le_size=embeddings.shape[1], sbz=p["synth_batch_size"])
+        return datafree.synthesis.CoupledSynthesizer(
+            teacher, student, generator, num_classes=spec.num_classes, img_size=img_size, bn_nodes=bn_nodes,
+            save_dir=str(pool_dir), device=DEVICE, transform=transform, normalizer=normalizer,
+            synthesis_batch_size=p["synth_batch_size"], sample_batch_size=p["batch_size"], g_steps=p["g_steps"],
+            warmup=p["warmup"], lr_g=p["lr_g"], adv=p["adv"], bn=p["bn"], oh=p["oh"], dist=0.0,
+            bn_mmt=p["bn_mmt"], dataset=spec.name, g_life=p["g_life"], g_loops=p["g_loops"],
+            gwp_loops=p["gwp_loops"])
     # CSD: 294, Fast: 293/306, CMI: 268
     generator = datafree.models.generator.Generator(nz=p["nz"], ngf=p["ngf"], img_size=spec.image_size,
                                                     nc=spec.channels)

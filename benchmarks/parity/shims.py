@@ -23,18 +23,19 @@ import torch.utils.data
 from dfkd_bench.errors import DfkdError
 
 # The files that tell the three repositories apart (each also ships datafree/synthesis/contrastive.py).
-_MARKERS = (("CSD", "datafree/synthesis/csd.py"), ("NAYER", "datafree/synthesis/nayer.py"),
+_MARKERS = (("CSD", "datafree/synthesis/csd.py"), ("CPNet", "datafree/synthesis/cpnet.py"),
+            ("NAYER", "datafree/synthesis/nayer.py"),
             ("Fast-Datafree", "datafree/synthesis/fast.py"), ("CMI", "datafree/synthesis/contrastive.py"))
 
 
 def detect_repo(checkout: Path) -> str:
-    """Which authors' repository ``checkout`` is: 'CSD', 'NAYER', 'Fast-Datafree' or 'CMI' (in that order:
-    NAYER's package also ships Fast's fast.py)."""
+    """Which authors' repository ``checkout`` is: 'CSD', 'CPNet', 'NAYER', 'Fast-Datafree' or 'CMI' (in that
+    order: CPNet's package also ships NAYER's nayer.py, NAYER's also ships Fast's fast.py)."""
     checkout = Path(checkout)
     if not (checkout / "datafree" / "__init__.py").is_file():
         raise DfkdError(f"{checkout} is not a checkout of the authors' code (no datafree/__init__.py); "
                         "git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, zju-vipa/CMI, "
-                        "tmtuan1307/NAYER)")
+                        "tmtuan1307/NAYER, LannCX/CPNet)")
     for name, marker in _MARKERS:
         if (checkout / marker).is_file():
             return name
@@ -59,6 +60,11 @@ class ClassifierInterface(nn.Module):
         if missing:
             raise DfkdError(f"the parity harness needs a zoo Wide ResNet (wrn*), got {type(model).__name__}")
         self.model = model
+
+    @property
+    def fc(self) -> nn.Module:
+        """The classifier, where CPNet's synthesizer looks for it (synthesis/cpnet.py:69-74)."""
+        return self.model.fc
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         m = self.model
@@ -125,6 +131,62 @@ class _Patches:
         self._undo.clear()
 
 
+# The zoo Wide ResNet's nodes under CPNet's rule for wrn40_2 (datafree/models/generator.py:11: the final BN, then
+# the first BN of groups 3, 2, 1), named as they are inside ClassifierInterface. get_cfg is called with this name.
+ZOO_WRN_NODES = "zoo_wrn"
+_ZOO_WRN_BN_NODES = ["model.bn_final", "model.block3.0.bn1", "model.block2.0.bn1", "model.block1.0.bn1"]
+
+
+class _ColorJitterAnyChannels(nn.Module):
+    """kornia's ColorJitter as CPNet builds it (synthesis/cpnet.py:86), except that a one-channel batch gets
+    brightness and contrast only: saturation and hue need colour, and kornia refuses them on one channel.
+    dfkd-bench's CPNet does the same (methods/cpnet.py, color_jitter)."""
+
+    def __init__(self, brightness, contrast, saturation, hue, p=1.0, **kwargs: Any):
+        super().__init__()
+        import kornia.augmentation as K
+        self.colour = K.ColorJitter(brightness, contrast, saturation, hue, p=p, **kwargs)
+        self.gray = K.ColorJitter(brightness, contrast, 0.0, 0.0, p=p, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.colour(x) if x.shape[1] == 3 else self.gray(x)
+
+
+class _KorniaAugmentation:
+    """kornia.augmentation as CPNet's synthesis module sees it, with the ColorJitter above."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "ColorJitter":
+            return _ColorJitterAnyChannels
+        import kornia.augmentation as K
+        return getattr(K, name)
+
+
+def _install_cpnet(patches: "_Patches", checkout: Path) -> None:
+    """The shims CPNet's code needs to run on CPU with a zoo teacher (each named in the result)."""
+    if not (checkout / "datafree" / "synthesis" / "cpnet.py").is_file():
+        return
+    cp_mod = importlib.import_module("datafree.synthesis.cpnet")
+    gen_mod = importlib.import_module("datafree.models.generator")
+    # synthesis/cpnet.py:188 logs `loss_dis`, which nothing defines: the first step raises NameError. A module
+    # global of 0 lets the line run (it only feeds a printed average).
+    cp_mod.loss_dis = torch.zeros(())
+    patches.applied.append("cpnet-loss-dis")
+    patches.set(cp_mod, "augmentation", _KorniaAugmentation(), "color-jitter-1-channel")
+    patches.set(gen_mod, "_BN_NODES", {**gen_mod._BN_NODES, ZOO_WRN_NODES: _ZOO_WRN_BN_NODES}, "bn-nodes-zoo-wrn")
+    # CoupledGenerator keys its saved maps by targets.device.index, None on CPU, and syn_img_list reads keys
+    # 0..n-1 (generator.py:318-345): file the CPU's maps under 0
+    original = gen_mod.CoupledGenerator.forward
+
+    def forward(self, targets):
+        out = original(self, targets)
+        if None in self.syn_dict:
+            self.syn_dict[0] = self.syn_dict.pop(None)
+        return out
+
+    patches.set(gen_mod.CoupledGenerator, "forward", forward, "cpu-device-index")
+
+
 def _missing(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -169,6 +231,7 @@ def installed(checkout: Path) -> Iterator[list[str]]:
         utils_mod = sys.modules.get("datafree.utils._utils")
         if utils_mod is not None and hasattr(utils_mod, "Image"):
             patches.set(utils_mod, "Image", _PILFor1Channel(utils_mod.Image), "png-1-channel")
+        _install_cpnet(patches, checkout)
         di_mod = sys.modules.get("datafree.synthesis.deepinversion")
         if di_mod is not None and hasattr(di_mod, "clip_images"):
             patches.set(di_mod, "clip_images", _clip_images, "clip-images-any-channels")
