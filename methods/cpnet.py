@@ -5,13 +5,13 @@ life and kept lowest-loss batch. What CPNet changes, by the authors' code:
 
 - **The generator mirrors the teacher.** Its body is the teacher read backwards: one block per chosen teacher
   BatchNorm layer ("node"), deepest first, each block upsampling to the next shallower node's resolution and
-  producing that node's channel count (``datafree/models/generator.py:11-39`` derives the plan from a teacher
-  pass; ``CoupledGenerator``, ``generator.py:281-347``). The nodes are per architecture (``_BN_NODES``,
+  producing that node's channel count (``datafree/models/generator.py:16-44`` derives the plan from a teacher
+  pass; ``CoupledGenerator``, ``generator.py:285-355``). The nodes are per architecture (``_BN_NODES``,
   ``generator.py:8-13``): for a WRN the last BN and the first BN of each group (their inputs are the stem's and
   the groups' outputs), for a ResNet each stage's last ``bn2``, for a VGG the last BN of stages 1, 2, 3 and 5.
 - **Feature coupling.** Each block's input (a generator feature map) is pulled by MSE towards the teacher's
   input to the matching node on the same step, re-standardized from its own batch statistics to the node's
-  running statistics and detached (``hooks.py:137-151``, ``synthesis/cpnet.py:165-167``), weight 1.
+  running statistics and detached (``hooks.py:139-152``, ``synthesis/cpnet.py:165-167``), weight 1.
 - **Logit-space alignment.** With the adversarial term comes a term on the teacher's pooled features ``f``:
   ``|cos(f - (y * delta - b) P, 1 P)|`` with ``y`` the one-hot targets, ``delta = ln(0.9 (K - 1) / 0.1)`` (the
   logit gap of 0.1 label smoothing), ``b`` the classifier's bias and ``P`` the pseudo-inverse of the transposed
@@ -101,7 +101,7 @@ class CoupledBody(nn.Module):
     A linear map to the deepest node's shape, BatchNorm, then one block per node from deep to shallow:
     upsample to the next node's size (nearest), 3x3 conv to its channels, BatchNorm, LeakyReLU(0.2); the last
     block goes to the image (conv with bias, sigmoid). ``forward`` returns the image and each block's input,
-    shallow to deep: those maps have the nodes' shapes (``CoupledGenerator``, generator.py:281-347).
+    shallow to deep: those maps have the nodes' shapes (``CoupledGenerator``, generator.py:285-355).
     """
 
     def __init__(self, in_features: int, shapes: list[tuple[int, int, int]], image_shape: tuple[int, int, int]):
@@ -136,7 +136,7 @@ class NodeTargets:
     """Forward hooks on the coupled nodes: after a teacher pass, ``targets[k]`` is node k's input standardized
     by its batch statistics (unbiased variance) and rescaled to the node's running statistics, detached. When the
     node's BN-statistics hook has a moving average, the batch statistics are blended with it at the same momentum
-    (``apply_cp_reverse_norm``, hooks.py:137-151)."""
+    (``apply_cp_reverse_norm``, hooks.py:139-152)."""
 
     def __init__(self, nodes: list[nn.BatchNorm2d], stats: list[BNStatsHook], momentum: float):
         self.stats, self.momentum = stats, momentum

@@ -221,9 +221,10 @@ def test_classifier_interface_has_the_authors_feature_meaning():
         shims.ClassifierInterface(create_model("cifar_vgg8_bn", 10, 1, 28))
 
 
-def test_detect_repo_tells_the_four_repositories_apart(tmp_path):
+def test_detect_repo_tells_the_five_repositories_apart(tmp_path):
     for repo, markers in [("CSD", ["csd.py"]), ("Fast-Datafree", ["fast.py"]), ("CMI", ["contrastive.py"]),
-                          ("NAYER", ["nayer.py", "fast.py", "contrastive.py"])]:  # NAYER ships Fast's files too
+                          ("NAYER", ["nayer.py", "fast.py", "contrastive.py"]),  # NAYER ships Fast's files too
+                          ("CPNet", ["cpnet.py", "nayer.py", "fast.py", "contrastive.py"])]:  # and CPNet NAYER's
         root = tmp_path / repo
         (root / "datafree" / "synthesis").mkdir(parents=True)
         (root / "datafree" / "__init__.py").write_text("")

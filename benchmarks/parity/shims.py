@@ -175,7 +175,7 @@ def _install_cpnet(patches: "_Patches", checkout: Path) -> None:
     patches.set(cp_mod, "augmentation", _KorniaAugmentation(), "color-jitter-1-channel")
     patches.set(gen_mod, "_BN_NODES", {**gen_mod._BN_NODES, ZOO_WRN_NODES: _ZOO_WRN_BN_NODES}, "bn-nodes-zoo-wrn")
     # CoupledGenerator keys its saved maps by targets.device.index, None on CPU, and syn_img_list reads keys
-    # 0..n-1 (generator.py:318-345): file the CPU's maps under 0
+    # 0..n-1 (generator.py:319-355): file the CPU's maps under 0
     original = gen_mod.CoupledGenerator.forward
 
     def forward(self, targets):
