@@ -64,7 +64,8 @@ class Runner:
         self.method = build_method(cfg, method_cfg, SynthContext(
             self.teacher, self.student, spec.image_shape, spec.num_classes, self.normalizer, self.device,
             self.ranks.share(cfg.synth_batch_size, "synth_batch_size"), self.amp, class_names=spec.names(),
-            lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, amp_dtype=self.amp_dtype))
+            lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, amp_dtype=self.amp_dtype, epochs=cfg.epochs,
+            temperature=cfg.temperature))
         self.loss_fn = build_loss(cfg, loss_cfg, self.teacher, self.student, spec, self.device)
         self.params = list(self.student.parameters()) + list(self.loss_fn.parameters())
         self.student_loss = StudentLoss(self.student, self.loss_fn)

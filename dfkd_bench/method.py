@@ -50,6 +50,8 @@ class SynthContext:
     warmup_epochs: int = 0  # the run's warm-up epochs (synthesis only)
     student_lr: float = 0.0  # the student's current learning rate, updated by the runner every epoch
     amp_dtype: torch.dtype = torch.float16
+    epochs: int = 1  # the run's epochs, for schedules that span the run (AdaDFKD's curriculum)
+    temperature: float = 1.0  # the run's distillation temperature (AdaDFKD's synthesis shares it, as its --T)
 
     def autocast(self) -> torch.autocast:
         """The run's autocast context for teacher/student passes during synthesis (off unless ``amp``)."""
