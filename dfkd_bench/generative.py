@@ -66,6 +66,10 @@ class GeneratorSynthesizer(Synthesizer):
             self.generator.reset_parameters()
         return self.generator
 
+    def round_targets(self, n: int) -> torch.Tensor:
+        """The classes the round's CE term asks the teacher for. Default: uniform at random (CMI, Fast, CSD)."""
+        return torch.randint(self.ctx.num_classes, (n,), device=self.ctx.device)
+
     def extra_terms(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     t_logits: torch.Tensor, s_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Weighted loss terms added to BN + CE + adv. ``images`` in [0, 1], ``x`` augmented and normalized;
@@ -98,10 +102,12 @@ class GeneratorSynthesizer(Synthesizer):
         n = ctx.synth_batch_size
         generator = self.round_generator()
         generator.train()
-        z = torch.randn(n, cfg.nz, device=ctx.device, requires_grad=True)
-        y = torch.randint(ctx.num_classes, (n,), device=ctx.device)
-        opt = torch.optim.Adam([{"params": list(generator.parameters()), "lr": cfg.lr_g},
-                                {"params": [z], "lr": cfg.lr_z}], betas=(cfg.beta1, cfg.beta2))
+        z = torch.randn(n, cfg.nz, device=ctx.device, requires_grad=cfg.lr_z > 0)
+        y = self.round_targets(n)
+        groups = [{"params": list(generator.parameters()), "lr": cfg.lr_g}]
+        if cfg.lr_z > 0:  # lr_z 0: the latents stay as drawn (SpaceshipNet)
+            groups.append({"params": [z], "lr": cfg.lr_z})
+        opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2))
         adversarial = self.adversarial and cfg.adv > 0
 
         def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

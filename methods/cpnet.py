@@ -45,7 +45,7 @@ from dfkd_bench.losses import BNStatsHook, kl_divergence
 from dfkd_bench.method import SynthContext
 from dfkd_bench.methods.nayer import NAYER, SHARED_BUDGET, NoisyLayerGenerator, NoisyLayerSettings
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
-from dfkd_bench.registry import SYNTHESIZERS, register_preset
+from dfkd_bench.registry import SYNTHESIZERS, get_preset, register_preset
 from dfkd_bench.zoo import SmallImageResNet, SmallImageVGG, WideResNet
 
 SMOOTHING = 0.1  # the label smoothing the alignment's logit gap assumes (synthesis/cpnet.py:37)
@@ -287,20 +287,12 @@ class CPNet(NAYER):
         return x_unit, terms
 
 
-# Published settings: cpnet_100.sh:43-46, CIFAR-10 WRN-40-2 -> WRN-16-1 (cpnet_300.sh: 320 epochs), NAYER's
-# values throughout; ep_steps and kd_steps keep datafree_kd.py's 400, wd 1e-4, eta_min 2e-4, T 20, bn_mmt 0.9.
-register_preset("cpnet", "paper", {
-    "epochs": 120, "warmup_epochs": 20, "ep_steps": 400, "kd_steps": 400, "batch_size": 512,
-    "synth_batch_size": 400, "lr": 0.2, "lr_min": 2e-4, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 20.0,
-    "method.g_steps": 30, "method.g_life": 10, "method.g_loops": 2, "method.gwp_loops": 10,
-})
-# Tiny-ImageNet ResNet-34 -> ResNet-18, cpnet_100.sh:68-72 (lr 0.2 where NAYER's script has 0.1; kd_steps 1000)
-register_preset("cpnet", "paper-tiny-imagenet", {
-    "dataset": "tiny-imagenet", "teacher": "resnet34", "student": "resnet18",
-    "epochs": 120, "warmup_epochs": 20, "ep_steps": 1000, "kd_steps": 1000, "batch_size": 256,
-    "synth_batch_size": 200, "lr": 0.2, "lr_min": 2e-4, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 20.0,
-    "method.g_steps": 60, "method.g_life": 10, "method.g_loops": 4, "method.gwp_loops": 20,
-})
+# Published settings: cpnet_100.sh:43-46 (CIFAR-10 WRN-40-2 -> WRN-16-1; cpnet_300.sh: 320 epochs) passes NAYER's
+# nayer_100.sh values flag for flag, and its datafree_kd.py keeps NAYER's defaults (ep_steps = kd_steps 400, wd 1e-4,
+# eta_min 2e-4, T 20, bn_mmt 0.9): NAYER's paper preset. Tiny-ImageNet ResNet-34 -> ResNet-18, cpnet_100.sh:68-72:
+# NAYER's (nayer_100.sh:68-73) except lr 0.2 where NAYER's script has 0.1.
+register_preset("cpnet", "paper", get_preset("nayer", "paper"))
+register_preset("cpnet", "paper-tiny-imagenet", {**get_preset("nayer", "paper-tiny-imagenet"), "lr": 0.2})
 # The shared budgets, exactly as NAYER's (one loop per round, no warm-up, one-hot embeddings)
 register_preset("cpnet", "quick", {**QUICK_PROTOCOL, **SHARED_BUDGET, "method.g_steps": 20, "method.g_life": 5})
 register_preset("cpnet", "cpu", {**CPU_PROTOCOL, **SHARED_BUDGET, "method.g_steps": 30, "method.g_life": 10})

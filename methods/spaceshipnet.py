@@ -40,6 +40,7 @@ method. docs/methods/spaceshipnet.md lists the authors' code line by line and th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +51,7 @@ import torch.nn.functional as F
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.generative import GeneratorConfig, GeneratorSynthesizer
 from dfkd_bench.generator import Generator
-from dfkd_bench.inversion import invert
-from dfkd_bench.losses import adversarial_loss, kl_divergence
+from dfkd_bench.losses import kl_divergence
 from dfkd_bench.method import DistillLoss, LossContext, Outputs, SynthBatch, SynthContext
 from dfkd_bench.pool import PassSampler
 from dfkd_bench.presets import CPU_PROTOCOL, QUICK_PROTOCOL
@@ -185,56 +185,31 @@ class SpaceshipNet(GeneratorSynthesizer):
                 self._step_features[level] = output
         return keep
 
-    def _keep_best_features(self) -> None:
+    def on_best_step(self) -> None:
         # the step's features, before its update changes the generator (V37:562-569)
         self._best_features = [f.detach().clone() for f in self._step_features]
 
     # ---------------------------------------------------------------- synthesis
 
+    def round_targets(self, n: int) -> torch.Tensor:
+        return balanced_labels(n, self.ctx.num_classes, self.ctx.device)  # y = i mod K (V37:478, base:247)
+
     def _synthesize(self) -> SynthBatch:
-        """The shared generator loop (``GeneratorSynthesizer._synthesize``) with the authors' three differences:
-        class-balanced targets, z left out of the optimizer unless ``lr_z > 0``, and the best step's features
-        pooled here instead of its images handed to the runner."""
-        cfg, ctx = self.cfg, self.ctx
-        n = ctx.synth_batch_size
-        generator = self.round_generator()
-        generator.train()
-        z = torch.randn(n, cfg.nz, device=ctx.device, requires_grad=cfg.lr_z > 0)
-        y = balanced_labels(n, ctx.num_classes, ctx.device)
-        groups = [{"params": list(generator.parameters()), "lr": cfg.lr_g}]
-        if cfg.lr_z > 0:
-            groups.append({"params": [z], "lr": cfg.lr_z})
-        opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2))
-        adversarial = self.adversarial and cfg.adv > 0
-
-        def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            images = generator(z)
-            x = ctx.normalizer(self.augment(images))
-            with ctx.autocast():
-                t = ctx.teacher(x).float()
-                s = ctx.student(x).float() if adversarial else None
-            terms = {"bn": cfg.bn * self.bn_stats.loss(), "ce": cfg.oh * F.cross_entropy(t, y)}
-            if adversarial:
-                terms["adv"] = cfg.adv * adversarial_loss(s, t)
-            return images, terms
-
+        """The shared generator loop (``GeneratorSynthesizer._synthesize``: with this method's class-balanced
+        targets, and z out of the optimizer at ``lr_z`` 0), recording the generator's feature maps; the best
+        step's features go to the pools instead of its images to the runner."""
         self._recording, self._step_features = True, [None] * len(LEVEL_ENDS)
         try:
-            run = invert(opt, cfg.g_steps, forward, on_best=self._keep_best_features)
+            batch = super()._synthesize()
         finally:
             self._recording, self._step_features = False, []
-        self.bn_stats.update_ema()
         for pool, features in zip(self.pools, self._best_features):
             pool.add(features)
         self._best_features = []
         for passes in self.passes:  # a new shuffled pass over the grown pools (V37:590-610)
             passes.restart()
         # the student's images are decoded in `sample`; nothing goes to the runner's pool
-        batch = SynthBatch(torch.empty(0, *ctx.image_shape, device=ctx.device), None,
-                           {**run.last_terms, "total": run.curve[-1]}, run.curve, teacher_passes=n * cfg.g_steps)
-        self.after_round(batch)
-        self.bn_stats.clear()
-        return batch
+        return dataclasses.replace(batch, images=batch.images.new_empty(0, *self.ctx.image_shape), labels=None)
 
     # ---------------------------------------------------------------- student batches
 
