@@ -19,7 +19,8 @@ from dfkd_bench.errors import DfkdError
 
 # luoshiya/CSD, zju-vipa/Fast-Datafree, zju-vipa/CMI: the name a checkout is known by in results.
 REPOS = {"CSD": "luoshiya/CSD", "Fast-Datafree": "zju-vipa/Fast-Datafree", "CMI": "zju-vipa/CMI",
-         "NAYER": "tmtuan1307/NAYER", "CPNet": "LannCX/CPNet"}
+         "NAYER": "tmtuan1307/NAYER", "CPNet": "LannCX/CPNet", "AdaDFKD": "ljrprocc/DFKD",
+         "SpaceshipNet": "skgyu/SpaceshipNet"}
 
 # What every protocol shares. Student SGD as in all three datafree_kd.py (momentum 0.9 hard-coded,
 # --wd default 1e-4, which none of the scripts used here overrides), cosine over the rounds to
@@ -69,6 +70,32 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 # CPNet cpnet_100.sh:43-46 (CIFAR-10 WRN-40-2 -> WRN-16-1) sets NAYER's values, and its datafree_kd.py keeps NAYER's
 # defaults: the NAYER protocol as it is (its --dist is not a key: CoupledSynthesizer stores it and never reads it)
 PROTOCOLS["cpnet"] = {k: v for k, v in PROTOCOLS["nayer"].items() if k != "ngf"}  # the teacher sets its widths
+# AdaDFKD scripts/adadfkd/adadfkd_cifar10_resnet34_resnet18.sh (the README's example) but the budget, sized as dfq's
+# (5 epochs of 20 rounds of 1 generator step + 10 student steps on new samples, no augmentation): l.11 g_steps 1,
+# l.12 lr_g 1e-3, l.13-14 fractions 0.25/0.75, l.15 adv 1.0, l.16 grad_adv 0, l.18 T 20, l.19 lmda_ent -20, l.20 oh 1,
+# l.21 act 0, l.24 bn 1, l.29 adv_type kl, l.30 curr_option curr_log, l.31 lambda_0 2.2, l.34 hard 0.1, l.35 length
+# 0.9, l.36 tau 0.07 (one flag: the R2M queue's and the student InfoNCE's temperature), l.38 s_nce 0.1, l.39 --loss kl
+# ("base": "loss" names our side's loss), l.41 N_neg 4096 (128 divides it, as their queue asserts, _utils.py:677;
+# the script's own batch 768 does not). nz 512 is datafree_kd.py:559's CIFAR value; alpha 1e-4 is lambda's growth
+# per student step datafree_kd.py:765-768 picks for cifar10 (2e-5 for any other dataset name). depth 2 (l.17) is
+# the only generator our side builds. lr_min 0: CosineAnnealingLR(T_max=epochs) (datafree_kd.py:612).
+PROTOCOLS["adadfkd"] = {
+    **_COMMON, "rounds": 5, "ep_steps": 200, "kd_steps": 10, "g_steps": 1, "nz": 512, "augment": False,
+    "loss": "adadfkd", "lr_g": 1e-3, "begin_fraction": 0.25, "end_fraction": 0.75, "adv": 1.0, "grad_adv": 0.0,
+    "lmda_ent": -20.0, "oh": 1.0, "act": 0.0, "bn": 1.0, "adv_type": "kl", "curr_option": "curr_log",
+    "lambda_0": 2.2, "alpha": 1e-4, "hard": 0.1, "length": 0.9, "tau": 0.07, "s_nce": 0.1, "base": "kl",
+    "N_neg": 4096}
+# SpaceshipNet (skgyu/SpaceshipNet) code/SpaceshipNet/scripts/DFKD_Cifar100_ResNet34_ResNet18_V37_conv012_seed40.yaml:
+# l.40 lr_g 1e-3 (optimizer_G), l.44-45 student lr 0.1 and CosineAnnealingLR (no eta_min: networks/scheduler.py:474, so
+# lr_min 0), l.57 oh = lambda_cls 0.5, l.58 bn = lambda_bn_meanvar 1, l.60 lambda_mSARC_cam_mse 1, l.61
+# lambda_mSARC_gradcams_mse 1, l.70-71 gen_mixup_cutmix_p 0.7 (CFE on), l.75 conv_idx [0, 1, 2], l.89-90 distill.alpha 1
+# and T 30, l.97 ngf 64, l.102 nz 256 (generator input_dim). Keys with no equivalent in the other protocols keep the
+# config's names. Their one batch_size (l.50, 256) is both the synthesis and the student batch: 128 for both here.
+# The budget as cmi's: 5 epochs of 20 synthesis steps and 50 student steps (the config: 200 and 2000).
+PROTOCOLS["spaceshipnet"] = {
+    **_COMMON, **_GENERATOR, "rounds": 5, "g_steps": 20, "kd_steps": 50, "loss": "spaceshipnet", "T": 30.0,
+    "lr_g": 1e-3, "oh": 0.5, "bn": 1.0, "gen_mixup_cutmix_p": 0.7, "conv_idx": [0, 1, 2],
+    "lambda_mSARC_cam_mse": 1.0, "lambda_mSARC_gradcams_mse": 1.0, "distill_alpha": 1.0}
 
 # The long horizon: the rounds a method's persistent state needs before it can pay off, or not (each
 # protocol as above, only longer; results go to their own --output, results/parity/long).
@@ -89,11 +116,13 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "deepinversion": ("CMI", "Fast-Datafree", "CSD"),
     "nayer": ("NAYER",),
     "cpnet": ("CPNet",),
+    "adadfkd": ("AdaDFKD",),
+    "spaceshipnet": ("SpaceshipNet",),  # its own trainer, not a datafree synthesizer (spaceship.py)
     "dfq": ("CMI",),  # Fast-Datafree's datafree_kd.py:270 builds it with student=teacher (no adversary)
 }
 # Online methods: a new generator batch for every student step, no pool; "rounds" are epochs of
 # ep_steps // kd_steps (generator step, kd_steps student steps) cycles, evaluated once per epoch.
-ONLINE = ("dfq",)
+ONLINE = ("dfq", "adadfkd")
 
 # Protocol key -> dfkd-bench run field (or method./loss. key); a tuple sets several keys to one value.
 _OUR_KEYS: dict[str, str | tuple[str, ...]] = {
@@ -112,6 +141,16 @@ _OUR_KEYS: dict[str, str | tuple[str, ...]] = {
     "bn_mmt": "method.bn_momentum", "tv": "method.tv", "l2": "method.l2",
     "le_emb_size": "method.le_emb_size", "g_life": "method.g_life", "g_loops": "method.g_loops",
     "gwp_loops": "method.gwp_loops", "label_embeddings": "method.label_embeddings",
+    # AdaDFKD (methods/adadfkd.py): its one --tau is both the R2M queue's and the student InfoNCE's temperature
+    "lmda_ent": "method.lmda_ent", "act": "method.act", "adv_type": "method.adv_type", "grad_adv": "method.grad_adv",
+    "hard": "method.hard", "length": "method.length", "N_neg": "method.n_neg", "tau": ("method.tau", "loss.tau"),
+    "begin_fraction": "method.begin_fraction", "end_fraction": "method.end_fraction",
+    "base": "loss.base", "s_nce": "loss.s_nce", "curr_option": "loss.curr", "lambda_0": "loss.lambda_0",
+    "alpha": "loss.alpha",
+    # SpaceshipNet (methods/spaceshipnet.py, its Config and the spaceshipnet loss's): CFE's probability, the feature
+    # levels student batches come from, the mSARC weights, and distill.alpha (the KL's weight)
+    "gen_mixup_cutmix_p": "method.cfe_p", "conv_idx": "method.levels", "lambda_mSARC_cam_mse": "loss.cam",
+    "lambda_mSARC_gradcams_mse": "loss.gradcam", "distill_alpha": "loss.kd",
 }
 # Protocol keys that become command-line options of `dfkd-bench run` instead of --set keys.
 CLI_KEYS = ("dataset", "teacher", "student", "loss")
@@ -147,6 +186,8 @@ def protocol_sha(proto: dict[str, Any]) -> str:
 def _our_value(key: str, value: Any) -> str:
     if key == "is_maml":
         return "maml" if value else "reptile"
+    if key == "curr_option":  # their curr_<type> (datafree_kd.py:799 splits it) is our loss.curr=<type>
+        return str(value).split("_", 1)[1]
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

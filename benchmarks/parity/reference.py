@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import PIL
@@ -70,12 +71,28 @@ def check_supported(method: str, repo: str, proto: dict[str, Any]) -> None:
                         f"augment must be {str(method not in ONLINE).lower()} for '{method}'")
     if proto["momentum"] != 0.9:
         raise DfkdError("their student SGD hard-codes momentum 0.9 (datafree_kd.py: SGD(..., momentum=0.9))")
-    if proto["loss"] != ("csd" if method == "csd" else "kl"):
+    if proto["loss"] != {"csd": "csd", "adadfkd": "adadfkd"}.get(method, "kl"):
         raise DfkdError(f"their loop pairs '{method}' with its own loss only, not '{proto['loss']}'")
+    if method == "adadfkd":
+        check_adadfkd(proto)
     if method == "csd" and proto["ce"] != 1.0:
         raise DfkdError("CSD's student loss hard-codes the CE weight 1 (CSD datafree_kd.py:437)")
     if "lr_z" in proto and method in ("csd", "cmi") and proto["lr_z"] != proto["lr_g"]:
         raise DfkdError(f"{method}'s synthesizer optimizes z at lr_g (one Adam lr); lr_z must equal lr_g")
+
+
+def check_adadfkd(proto: dict[str, Any]) -> None:
+    """What AdaDFKD's code cannot run or our side cannot express."""
+    if proto["hard"] > 0 and proto["N_neg"] % proto["synth_batch_size"]:
+        raise DfkdError(f"AdaDFKD's queue asserts that the batch divides its size (_utils.py:677): N_neg "
+                        f"{proto['N_neg']} is not a multiple of synth_batch_size {proto['synth_batch_size']}")
+    if proto["curr_option"] not in ("curr_log", "curr_hard", "curr_soft"):
+        raise DfkdError(f"curr_option must be curr_log, curr_hard or curr_soft, not '{proto['curr_option']}' (with "
+                        "'none' their student loss drops s_nce, datafree_kd.py:790-801; ours has no such mode)")
+    if proto["base"] not in ("kl", "l1", "l2"):
+        raise DfkdError(f"AdaDFKD's --loss is kl, l1 or l2 (datafree_kd.py:552-557), not '{proto['base']}'")
+    if proto["lr_min"] != 0:
+        raise DfkdError("AdaDFKD's schedule anneals to 0 (CosineAnnealingLR(T_max=epochs), datafree_kd.py:612)")
 
 
 def train_transform(spec) -> Callable:
@@ -99,6 +116,22 @@ def build_synthesizer(datafree, method: str, teacher, student, spec, p: dict[str
         return datafree.synthesis.DeepInvSyntheiszer(
             teacher=teacher, student=student, iterations=p["g_steps"], lr_g=p["lr_g"],
             adv=p["adv"], bn=p["bn"], oh=p["oh"], tv=p["tv"], l2=p["l2"], **common)
+    if method == "adadfkd":  # AdaDFKD datafree_kd.py:559-599
+        # l.561: the depth-2 (script l.17) DCGAN generator, ngf 64, no --cond; l.373-378 call a wrn* teacher's generator
+        # 'wider' with its widen factor (neither changes the network, generator.py:249-256). nc and img_size are ours.
+        wide = p["teacher"].startswith("wrn")
+        generator = datafree.models.generator.DCGAN_Generator_CIFAR10(
+            nz=p["nz"], ngf=64, nc=spec.channels, img_size=spec.image_size, d=2, cond=False,
+            type="wider" if wide else "normal", widen_factor=int(p["teacher"].split("_")[-1]) if wide else 1)
+        # l.568-599, img_size an int as their l.364-371; memory False (--memory is never set); mu 0.5 (argparse
+        # default, l.130), mode 'memory' and neg 0.0 (script l.33, 37): stored and never read
+        return datafree.synthesis.AdaSynthesizer(
+            teacher=teacher, student=student, G_list=[generator], nz=p["nz"], num_classes=spec.num_classes,
+            img_size=spec.image_size, iterations=p["g_steps"], lr_g=p["lr_g"],
+            synthesis_batch_size=p["synth_batch_size"], sample_batch_size=p["batch_size"], save_dir=str(pool_dir),
+            transform=transform, normalizer=normalizer, device=DEVICE, lmda_ent=p["lmda_ent"], adv=p["adv"],
+            oh=p["oh"], act=p["act"], adv_type=p["adv_type"], bn=p["bn"], T=p["T"], memory=False, hard=p["hard"],
+            tau=p["tau"], mu=0.5, mode="memory", neg=0.0, n_neg=p["N_neg"], distributed=False, k=p["length"])
     if method in ONLINE:  # CMI: 255-264, a 64-channel LargeGenerator and the package's online synthesizer
         generator = datafree.models.generator.LargeGenerator(nz=p["nz"], ngf=64, img_size=spec.image_size,
                                                              nc=spec.channels)
@@ -201,8 +234,82 @@ def train(synthesizer, student, teacher, criterion, optimizer, kd_steps: int, al
             synthesizer.train_head()
 
 
+class AdaDFKDEpoch:
+    """What AdaDFKD's datafree_kd.py adds to the online loop, with their own functions imported from the checkout
+    (``difficulty_mining``, ``get_alpha_adv``, ``curr_v``, ``lambda_scheduler``): the window start passed to every
+    ``synthesize`` (l.671-674), their ``train()`` for adadfkd (l.739-816) with its self-paced student loss and the
+    step counter ``global_iter`` over the whole run (l.654), and the adversarial weight set after each epoch
+    (l.681-682)."""
+
+    def __init__(self, datafree, p: dict[str, Any], applied: list[str]):
+        data_utils = importlib.import_module("datafree.datasets.utils")  # datafree/__init__.py does not import it
+        self.curr_v, self.lambda_scheduler = data_utils.curr_v, data_utils.lambda_scheduler
+        self.difficulty_mining, self.get_alpha_adv = datafree.utils.difficulty_mining, datafree.utils.get_alpha_adv
+        self.p = p
+        if p["base"] == "l1":  # l.552-557: batch means (the per-sample versions at 545-550 are commented out)
+            self.criterion = torch.nn.L1Loss()
+        elif p["base"] == "l2":
+            self.criterion = torch.nn.MSELoss()
+        else:
+            self.criterion = datafree.criterions.KLDiv(T=p["T"])
+        # the args get_alpha_adv reads (_utils.py:588-604)
+        self.args = SimpleNamespace(epochs=p["rounds"], begin_fraction=p["begin_fraction"],
+                                    end_fraction=p["end_fraction"], grad_adv=p["grad_adv"],
+                                    curr_option=p["curr_option"])
+        self.global_iter = 0  # l.654
+        # l.672 divides by int(epochs * (end - begin)): 0 for a run too short to span an epoch (a smoke run of 1 or 2
+        # epochs at the script's fractions), where theirs raises ZeroDivisionError. 1 then, as our side's hard_factor.
+        self.span = int(p["rounds"] * (p["end_fraction"] - p["begin_fraction"]))
+        if self.span == 0:
+            self.span = 1
+            applied.append("hard-factor-span-1")
+
+    def synthesize(self, synthesizer, epoch: int) -> None:
+        """l.671-674: the window start this epoch (their formula, inline in datafree_kd.py) and one synthesis call."""
+        p = self.p
+        begin = int(p["begin_fraction"] * p["rounds"])
+        warmup = epoch < begin  # passed and never read (adadfkd.py:111)
+        hard_factor = min(max(0, (1 - p["length"]) * (epoch - begin) / self.span), 1 - p["length"])
+        synthesizer.synthesize(hard_factor=hard_factor, warmup=warmup)
+
+    def train(self, synthesizer, student, teacher, optimizer, kd_steps: int) -> None:
+        """Their ``train()`` for adadfkd (l.739-816; metrics, fidelity and printing left out)."""
+        p = self.p
+        student.train()  # l.744
+        teacher.eval()
+        for _ in range(kd_steps):
+            images = synthesizer.sample(0)  # l.756-757: new latents through the generator in eval mode
+            # l.764-769: lambda after global_iter student steps; alpha is the protocol's (1e-4: their cifar10 value)
+            lamda = self.lambda_scheduler(p["lambda_0"], self.global_iter, alpha=p["alpha"])
+            images = synthesizer.normalizer(images.detach())  # l.771-772 (no history: never augmented)
+            with torch.no_grad():  # l.779-780
+                t_out, t_feat = teacher(images, return_features=True)
+            s_out, s_feat = student(images.detach(), return_features=True)  # l.782
+            loss_s = self.criterion(s_out, t_out.detach())  # l.784
+            if p["s_nce"] > 0:  # l.787-788
+                _, loss_infonce = self.difficulty_mining(t_feat=t_feat, s_feat=s_feat, tau=p["tau"], device=DEVICE)
+            real_loss_s = loss_s  # l.791-801 (curr_option is never 'none' here: check_supported)
+            if p["s_nce"] > 0:
+                real_loss_s += loss_infonce * p["s_nce"]  # in place, as l.795
+            with torch.no_grad():
+                _, v = self.curr_v(l=real_loss_s, lamda=lamda, spl_type=p["curr_option"].split("_")[1])
+            loss_s = (v * real_loss_s).mean()
+            optimizer.zero_grad()  # l.805-813
+            loss_s.backward()
+            optimizer.step()
+            self.global_iter += 1  # l.816
+
+    def end_epoch(self, synthesizer, epoch: int) -> None:
+        """l.681-682, after the epoch's rounds and before the evaluation."""
+        synthesizer.adv = self.get_alpha_adv(epoch, self.args, self.p["adv"], type="linear")
+
+
 def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``job`` (method, protocol, seed, checkout, work_dir, teacher_store) and return its result record."""
+    if job["method"] == "spaceshipnet":  # its own trainer, options and networks, not a datafree package
+        from .spaceship import run_spaceship_reference
+
+        return run_spaceship_reference(job, echo)
     method, p, seed = job["method"], job["protocol"], int(job["seed"])
     checkout = Path(job["checkout"]).resolve()
     identity = checkout_identity(checkout)
@@ -242,6 +349,7 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
             params = student.parameters()
         optimizer = torch.optim.SGD(params, p["lr"], weight_decay=p["weight_decay"], momentum=0.9)
         scheduler = make_scheduler(optimizer, p)
+        ada = AdaDFKDEpoch(datafree, p, applied) if method == "adadfkd" else None
         test_x, test_y = spec.load("test")
         eval_norm = Normalizer(spec.mean, spec.std)
         rounds = []
@@ -254,11 +362,16 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
             wall, cpu = {"synth": 0.0, "distill": 0.0}, {"synth": 0.0, "distill": 0.0}
             for _ in range(cycles):
                 t0, c0 = time.time(), time.process_time()
-                synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339, NAYER: 382
+                if ada is not None:  # AdaDFKD: 671-674, the window's start passed to every call
+                    ada.synthesize(synthesizer, epoch)
+                else:
+                    synthesizer.synthesize()  # CSD: 369, Fast: 371 (returns (images, cost)), CMI: 339, NAYER: 382
                 if method == "csd":
                     synthesizer.reset_head()  # CSD: 370-371, before the student steps
                 t1, c1 = time.time(), time.process_time()
-                if distill:
+                if distill and ada is not None:  # AdaDFKD: 677, its own train() and student loss
+                    ada.train(synthesizer, student, teacher, optimizer, p["kd_steps"])
+                elif distill:
                     train(synthesizer, student, teacher, criterion, optimizer, p["kd_steps"], alignhead,
                           p.get("fea", 0.0))
                 t2, c2 = time.time(), time.process_time()
@@ -266,6 +379,8 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
                 wall["distill"] += t2 - t1
                 cpu["synth"] += c1 - c0
                 cpu["distill"] += c2 - c1
+            if ada is not None:
+                ada.end_epoch(synthesizer, epoch)  # AdaDFKD: 681-682, the next epoch's adversarial weight
             t2 = time.time()
             acc = evaluate(student, test_x, test_y, eval_norm, torch.device(DEVICE))  # CSD: 381-389
             t3 = time.time()

@@ -24,18 +24,27 @@ from dfkd_bench.errors import DfkdError
 
 # The files that tell the three repositories apart (each also ships datafree/synthesis/contrastive.py).
 _MARKERS = (("CSD", "datafree/synthesis/csd.py"), ("CPNet", "datafree/synthesis/cpnet.py"),
-            ("NAYER", "datafree/synthesis/nayer.py"),
+            ("NAYER", "datafree/synthesis/nayer.py"), ("AdaDFKD", "datafree/synthesis/adadfkd.py"),
             ("Fast-Datafree", "datafree/synthesis/fast.py"), ("CMI", "datafree/synthesis/contrastive.py"))
+
+# skgyu/SpaceshipNet is not the datafree-package layout: its code lives under code/SpaceshipNet of the repository root
+# (the path given with --reference), and its V37 trainer file is what marks it (benchmarks/parity/spaceship.py).
+SPACESHIP_CODE = Path("code/SpaceshipNet")
+SPACESHIP_MARKER = SPACESHIP_CODE / "models/model_CFE_mSARC_bases/model_CFE_mSARC_base_V37.py"
 
 
 def detect_repo(checkout: Path) -> str:
-    """Which authors' repository ``checkout`` is: 'CSD', 'CPNet', 'NAYER', 'Fast-Datafree' or 'CMI' (in that
-    order: CPNet's package also ships NAYER's nayer.py, NAYER's also ships Fast's fast.py)."""
+    """Which authors' repository ``checkout`` is: 'CSD', 'CPNet', 'NAYER', 'AdaDFKD', 'Fast-Datafree' or 'CMI' (in
+    that order: CPNet's package also ships NAYER's nayer.py, NAYER's and AdaDFKD's (ljrprocc/DFKD, a fork of CMI)
+    also ship Fast's fast.py and CMI's contrastive.py), or 'SpaceshipNet' (the repository root of skgyu/SpaceshipNet,
+    recognized by its V37 trainer under code/SpaceshipNet)."""
     checkout = Path(checkout)
+    if (checkout / SPACESHIP_MARKER).is_file():  # SpaceshipNet: the repository root, with its own layout
+        return "SpaceshipNet"
     if not (checkout / "datafree" / "__init__.py").is_file():
-        raise DfkdError(f"{checkout} is not a checkout of the authors' code (no datafree/__init__.py); "
-                        "git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, zju-vipa/CMI, "
-                        "tmtuan1307/NAYER, LannCX/CPNet)")
+        raise DfkdError(f"{checkout} is not a checkout of the authors' code (no datafree/__init__.py, nor "
+                        f"{SPACESHIP_MARKER}); git clone https://github.com/luoshiya/CSD (or zju-vipa/Fast-Datafree, "
+                        "zju-vipa/CMI, tmtuan1307/NAYER, LannCX/CPNet, ljrprocc/DFKD, skgyu/SpaceshipNet)")
     for name, marker in _MARKERS:
         if (checkout / marker).is_file():
             return name
@@ -50,7 +59,9 @@ class ClassifierInterface(nn.Module):
     three groups (f3 before the final BN-ReLU), f4 the globally pooled features; with
     ``pooled_features`` it returns ``(logits, f4)``, as CMI's, Fast-Datafree's and NAYER's
     WideResNet do (their wresnet.py:90-103). Both sides thus train the very same network objects
-    and weights.
+    and weights. AdaDFKD's (ljrprocc/DFKD) WideResNet takes a third argument ``l``, the level to
+    start from (wresnet.py:91-96), and AdaSynthesizer always passes ``l=0`` (synthesis/adadfkd.py:133,
+    145, 158): the whole network, so ``l`` is accepted and only 0 is.
     """
 
     def __init__(self, model: nn.Module, pooled_features: bool = False):
@@ -63,10 +74,13 @@ class ClassifierInterface(nn.Module):
 
     @property
     def fc(self) -> nn.Module:
-        """The classifier, where CPNet's synthesizer looks for it (synthesis/cpnet.py:69-74)."""
+        """The classifier, where CPNet's synthesizer looks for it (synthesis/cpnet.py:69-74), and where AdaDFKD's
+        reads the feature width of its queue from (synthesis/adadfkd.py:58-63, ``fc.in_features``)."""
         return self.model.fc
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def forward(self, x: torch.Tensor, return_features: bool = False, l: int = 0):  # noqa: E741 (their name)
+        if l != 0:
+            raise DfkdError(f"the zoo Wide ResNet runs whole (l=0), not from level l={l} (AdaDFKD wresnet.py:91-96)")
         m = self.model
         f1 = m.block1(m.conv1(x))
         f2 = m.block2(f1)
@@ -222,7 +236,7 @@ def installed(checkout: Path) -> Iterator[list[str]]:
             added_modules.append("xlsxwriter")
             patches.applied.append("xlsxwriter")
         # unconditional .cuda() calls (Fast-Datafree's generator clone, meta-gradients, NAYER's generator
-        # re-initialization): the protocol runs on CPU
+        # re-initialization, the targets of AdaDFKD's MoCo queue loss, _utils.py:781): the protocol runs on CPU
         patches.set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
         patches.set(nn.Module, "cuda", lambda self, *args, **kwargs: self, "cuda-noop")
         patches.set(torch.utils.data, "DataLoader", _SerialDataLoader, "dataloader-workers-0")
