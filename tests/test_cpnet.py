@@ -154,6 +154,7 @@ def test_a_round_optimizes_the_coupling_and_after_warm_up_the_adversarial_terms(
     assert after["adv"] <= 0 <= after["align"]
 
 
+@pytest.mark.numeric
 def test_the_coupling_pulls_the_generator_features_towards_the_teacher(tiny_store, tmp_path):
     """More steps on one generator lower the coupling term: the generator's block inputs move towards the
     teacher's re-standardized node inputs."""
