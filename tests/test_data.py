@@ -218,7 +218,8 @@ def test_the_context_a_method_gets_holds_no_dataset(register_toy, tiny_store, tm
     ctx = _ToyMethod.seen[0]
     assert {f.name for f in dataclasses.fields(ctx)} == {
         "teacher", "student", "image_shape", "num_classes", "normalizer", "device", "synth_batch_size", "amp",
-        "class_names", "lr", "warmup_epochs", "student_lr", "amp_dtype"}
+        "class_names", "lr", "warmup_epochs", "student_lr", "amp_dtype", "epochs", "temperature"}
+    assert (ctx.epochs, ctx.temperature) == (runner.cfg.epochs, runner.cfg.temperature)  # the run's, not defaults
     assert ctx.image_shape == TINY_SHAPE and ctx.num_classes == TINY_CLASSES
     assert ctx.teacher is runner.teacher and ctx.student is runner.student
     assert not any(isinstance(v, torch.Tensor) for v in vars(ctx).values())
