@@ -304,6 +304,29 @@ class AdaDFKDEpoch:
         synthesizer.adv = self.get_alpha_adv(epoch, self.args, self.p["adv"], type="linear")
 
 
+def round_record(round_: int, rounds: int, acc: float, lr: float, wall: dict[str, float], cpu: dict[str, float],
+                 eval_seconds: float, echo: Callable[[str], None]) -> dict[str, Any]:
+    """One round of a reference run as the result records it (and echoes it): accuracy, the lr it trained at, and
+    the wall and CPU seconds (what a busy machine does not inflate) of synthesis and distillation."""
+    echo(f"round {round_}/{rounds}: acc {acc:.2f}%, synthesis {wall['synth']:.1f}s, "
+         f"distillation {wall['distill']:.1f}s")
+    return {"round": round_, "acc": round(acc, 4), "lr": lr,
+            "synth_seconds": round(wall["synth"], 3), "distill_seconds": round(wall["distill"], 3),
+            "eval_seconds": round(eval_seconds, 3),
+            "synth_cpu_seconds": round(cpu["synth"], 3), "distill_cpu_seconds": round(cpu["distill"], 3)}
+
+
+def result_record(identity: dict[str, Any], applied: list[str], rounds: list[dict[str, Any]],
+                  teacher_meta: dict[str, Any], started: float, **more_versions: str) -> dict[str, Any]:
+    """A finished reference run's record: the checkout, the shims that applied, every round, the teacher."""
+    return {
+        "status": "complete", "reference": identity, "shims": applied, "rounds": rounds,
+        "teacher": {k: teacher_meta.get(k) for k in ("arch", "path", "sha256", "test_accuracy")},
+        "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 2),
+        "versions": {**versions(), "pillow": PIL.__version__, **more_versions},
+    }
+
+
 def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``job`` (method, protocol, seed, checkout, work_dir, teacher_store) and return its result record."""
     if job["method"] == "spaceshipnet":  # its own trainer, options and networks, not a datafree package
@@ -386,21 +409,9 @@ def run_reference(job: dict[str, Any], echo: Callable[[str], None] = print) -> d
             t3 = time.time()
             if distill:  # CSD: 393 and CMI: 351 step every epoch; Fast: 399-400, NAYER: 433-434 after the warm-up
                 scheduler.step()
-            rounds.append({"round": epoch + 1, "acc": round(acc, 4), "lr": lr,
-                           "synth_seconds": round(wall["synth"], 3), "distill_seconds": round(wall["distill"], 3),
-                           "eval_seconds": round(t3 - t2, 3),
-                           # CPU seconds of each phase: what a busy machine does not inflate
-                           "synth_cpu_seconds": round(cpu["synth"], 3),
-                           "distill_cpu_seconds": round(cpu["distill"], 3)})
-            echo(f"round {epoch + 1}/{p['rounds']}: acc {acc:.2f}%, synthesis {wall['synth']:.1f}s, "
-                 f"distillation {wall['distill']:.1f}s")
+            rounds.append(round_record(epoch + 1, p["rounds"], acc, lr, wall, cpu, t3 - t2, echo))
     shutil.rmtree(pool_dir, ignore_errors=True)
-    return {
-        "status": "complete", "reference": identity, "shims": applied, "rounds": rounds,
-        "teacher": {k: teacher_meta.get(k) for k in ("arch", "path", "sha256", "test_accuracy")},
-        "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 2),
-        "versions": {**versions(), "pillow": PIL.__version__},
-    }
+    return result_record(identity, applied, rounds, teacher_meta, started)
 
 
 def main(argv: list[str]) -> int:

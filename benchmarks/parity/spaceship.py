@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import PIL
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,12 +48,13 @@ import yaml
 
 from dfkd_bench.data import Normalizer, evaluate, get_dataset
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.runtime import seed_everything, versions
+from dfkd_bench.runtime import seed_everything
 from dfkd_bench.teachers import load_teacher
 from dfkd_bench.zoo import create_model
 
 from . import shims
 from .protocols import REPOS
+from .reference import result_record, round_record
 
 DEVICE = "cpu"
 REPO = "SpaceshipNet"
@@ -463,19 +463,10 @@ def run_spaceship_reference(job: dict[str, Any], echo: Callable[[str], None] = p
                 acc = evaluate(logits, test_x, test_y, eval_norm, torch.device(DEVICE))  # driver:314
                 t3 = time.time()
                 trainer.update_learning_rate(epoch + 1)  # driver:320: the cosine schedule, stepped per epoch
-                rounds.append({"round": epoch + 1, "acc": round(acc, 4), "lr": lr,
-                               "synth_seconds": round(clock["synth"], 3), "distill_seconds": round(clock["distill"], 3),
-                               "eval_seconds": round(t3 - t2, 3),
-                               "synth_cpu_seconds": round(clock["synth_cpu"], 3),
-                               "distill_cpu_seconds": round(clock["distill_cpu"], 3)})
-                echo(f"round {epoch + 1}/{p['rounds']}: acc {acc:.2f}%, synthesis {clock['synth']:.1f}s, "
-                     f"distillation {clock['distill']:.1f}s")
+                wall = {"synth": clock["synth"], "distill": clock["distill"]}
+                cpu = {"synth": clock["synth_cpu"], "distill": clock["distill_cpu"]}
+                rounds.append(round_record(epoch + 1, p["rounds"], acc, lr, wall, cpu, t3 - t2, echo))
     finally:
         _close_log_files(work)
     shutil.rmtree(work, ignore_errors=True)
-    return {
-        "status": "complete", "reference": identity, "shims": applied, "rounds": rounds,
-        "teacher": {k: teacher_meta.get(k) for k in ("arch", "path", "sha256", "test_accuracy")},
-        "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 2),
-        "versions": {**versions(), "pillow": PIL.__version__, "pyyaml": yaml.__version__},
-    }
+    return result_record(identity, applied, rounds, teacher_meta, started, pyyaml=yaml.__version__)
