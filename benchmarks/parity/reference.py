@@ -40,9 +40,10 @@ from .protocols import ONLINE, REFERENCES, REPOS
 DEVICE = "cpu"
 
 
-def checkout_identity(checkout: Path) -> dict[str, Any]:
+def checkout_identity(checkout: Path, sources: Callable[[Path], list[Path]] | None = None) -> dict[str, Any]:
     """Which code ran: the repository, its git commit when the checkout is a git work tree, and a
-    sha256 over its ``datafree`` sources (which also identifies an unpacked archive)."""
+    sha256 over its sources (which also identifies an unpacked archive): ``sources(checkout)``, by default
+    the ``datafree`` package's ``.py`` files."""
     checkout = Path(checkout).resolve()
     repo = shims.detect_repo(checkout)
     try:
@@ -51,7 +52,8 @@ def checkout_identity(checkout: Path) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     digest = hashlib.sha256()
-    for path in sorted((checkout / "datafree").rglob("*.py")):
+    files = sources(checkout) if sources is not None else list((checkout / "datafree").rglob("*.py"))
+    for path in sorted(files):
         digest.update(str(path.relative_to(checkout)).encode())
         digest.update(path.read_bytes())
     return {"repo": repo, "github": REPOS[repo], "path": str(checkout), "commit": commit,

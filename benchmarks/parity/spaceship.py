@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib
 import importlib.util
 import logging
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 import time
 import types
@@ -54,6 +52,7 @@ from dfkd_bench.zoo import create_model
 
 from . import shims
 from .protocols import REPOS
+from .reference import checkout_identity as reference_identity
 from .reference import result_record, round_record
 
 DEVICE = "cpu"
@@ -84,25 +83,18 @@ def code_dir(checkout: Path) -> Path:
     return Path(checkout) / shims.SPACESHIP_CODE
 
 
+def _sources(checkout: Path) -> list[Path]:
+    """The sources and configs under ``code/SpaceshipNet``: what the identity's sha256 covers."""
+    return [p for p in code_dir(checkout).rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()]
+
+
 def checkout_identity(checkout: Path) -> dict[str, Any]:
-    """Which code ran: the repository, its git commit when the checkout is a git work tree, and a sha256 over
-    the sources and configs under ``code/SpaceshipNet`` (which also identifies an unpacked archive)."""
-    checkout = Path(checkout).resolve()
-    repo = shims.detect_repo(checkout)
-    if repo != REPO:
-        raise DfkdError(f"method 'spaceshipnet' runs from a checkout of {REPOS[REPO]}, not {REPOS[repo]}")
-    try:
-        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    digest = hashlib.sha256()
-    code = code_dir(checkout)
-    for path in sorted(p for p in code.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
-        digest.update(str(path.relative_to(checkout)).encode())
-        digest.update(path.read_bytes())
-    return {"repo": repo, "github": REPOS[repo], "path": str(checkout), "commit": commit,
-            "sources_sha256": digest.hexdigest()}
+    """:func:`reference.checkout_identity` over ``code/SpaceshipNet``'s sources and configs; refuses any other
+    repository."""
+    identity = reference_identity(checkout, _sources)
+    if identity["repo"] != REPO:
+        raise DfkdError(f"method 'spaceshipnet' runs from a checkout of {REPOS[REPO]}, not {REPOS[identity['repo']]}")
+    return identity
 
 
 def check_supported(proto: dict[str, Any]) -> None:
