@@ -239,7 +239,6 @@ class CPNet(NAYER):
         nodes = coupled_nodes(ctx.teacher)
         self._shapes = node_shapes(ctx.teacher, nodes, ctx.image_shape)
         super().__init__(ctx, cfg)
-        self._nodes = nodes
         by_module = {id(h.module): h for h in self.bn_stats.hooks}
         self.node_targets = NodeTargets(nodes, [by_module[id(m)] for m in nodes], cfg.bn_momentum)
         classifier = ctx.teacher.get_classifier()
