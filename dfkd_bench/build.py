@@ -56,7 +56,30 @@ def build_models(cfg: RunConfig, spec: DatasetSpec, store: Path | None,
     if cfg.channels_last:  # an option, off by default: its measured effect is in results/speed/
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
+    if cfg.compile:  # an option, off by default: its measured effect is in results/speed/
+        compile_features(teacher)
+        compile_features(student)
     return teacher, meta, student.to(device), Normalizer(*teacher_normalization(meta, spec)).to(device)
+
+
+def compile_features(model: nn.Module) -> None:
+    """Replace ``model.forward_features`` (the backbone: every convolution and BatchNorm, and the hooks that
+    methods put on them) with its ``torch.compile`` version, in place.
+
+    ``forward`` and every caller of ``forward_features`` (synthesis, student steps, evaluation) then run the
+    compiled backbone; the head (pool + linear) stays eager. Parameters, buffers and ``state_dict`` are the
+    module's own, so checkpoints are those of an uncompiled run. Compilation happens lazily, once per new
+    input shape, train/eval mode or grad mode (dynamo's guards), which costs tens of seconds per variant on a
+    CPU. Must come after any ``copy.deepcopy`` of the model: a copy would keep calling the original's compiled
+    backbone.
+
+    Methods switch their hooks on and off between passes (BN-statistics hooks are off outside synthesis),
+    so dynamo is told to guard on module hooks (``skip_nnmodule_hook_guards = False``, a process-wide
+    setting). With dynamo's default, which skips those guards, a Fast run's BN hooks did not run on the
+    compiled teacher during synthesis (tests/test_engine.py, the ``compile`` run test).
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    model.forward_features = torch.compile(model.forward_features)
 
 
 def build_method(cfg: RunConfig, method_cfg: Any, ctx: SynthContext) -> Synthesizer:

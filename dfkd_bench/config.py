@@ -64,6 +64,7 @@ class RunConfig:
     amp: bool = True  # autocast on CUDA; on CPU only with amp_cpu
     amp_dtype: str = "float16"  # autocast dtype; float16 also scales the loss (GradScaler), bfloat16 needs no scaler
     channels_last: bool = False  # teacher and student in channels_last memory format (speed option, off by default)
+    compile: bool = False  # torch.compile the teacher's and student's forward_features (speed option, off by default)
     amp_cpu: bool = False  # autocast on CPU too: the AMP code path without a GPU (for tests; slower than float32)
     sync_bn_stats: bool = False  # data-parallel runs: BN-statistics losses on the global batch, not each rank's
     eval_batch_size: int = 512

@@ -503,3 +503,43 @@ def test_channels_last_runs_and_stores_a_student_a_plain_model_loads(tiny_store,
     assert runner.run()["status"] == "complete"
     student = timm.create_model("wrn16_1", num_classes=TINY_CLASSES, in_chans=TINY_SHAPE[0])
     student.load_state_dict(load_state_dict(tmp_path / "run" / "student.pt"))  # default memory format
+
+
+@pytest.mark.slow  # compiles the backbones: about a minute of C++ compilation on a 2-core CPU
+def test_compile_runs_the_compiled_backbones_and_stores_a_plain_student(tiny_store, tmp_path):
+    runner = tiny_runner("fast", tmp_path / "run", tiny_store, {"compile": True, "method.g_steps": 1})
+    x = torch.randn(4, *TINY_SHAPE)
+    runner.teacher.eval()
+    eager = type(runner.teacher).forward_features(runner.teacher, x)  # the class's own, uncompiled method
+    torch.testing.assert_close(runner.teacher.forward_features(x), eager, rtol=1e-4, atol=1e-4)
+    for model in (runner.teacher, runner.student):
+        assert "forward_features" in vars(model)  # the instance's compiled backbone, not the class's method
+    assert runner.run()["status"] == "complete"
+    assert "forward_features" not in str(list(load_state_dict(tmp_path / "run" / "student.pt")))
+    student = timm.create_model("wrn16_1", num_classes=TINY_CLASSES, in_chans=TINY_SHAPE[0])
+    student.load_state_dict(load_state_dict(tmp_path / "run" / "student.pt"))
+
+
+@pytest.mark.slow  # compiles a backbone (tens of seconds)
+def test_compiled_backbone_follows_hooks_switched_on_after_compilation():
+    from dfkd_bench.build import compile_features
+    from dfkd_bench.losses import BNStatistics
+
+    torch.manual_seed(0)
+    model = timm.create_model("wrn16_1", num_classes=TINY_CLASSES, in_chans=TINY_SHAPE[0]).eval()
+    x = torch.randn(4, *TINY_SHAPE)
+    eager_stats = BNStatistics(model)
+    model(x)
+    eager = eager_stats.loss()
+    for hook in eager_stats.hooks:
+        hook.remove()
+    stats = BNStatistics(model, active=False)
+    compile_features(model)
+    x.requires_grad_(True)
+    model(x)  # compiled with the hooks off (the runner's teacher passes outside synthesis)
+    assert all(hook.loss is None for hook in stats.hooks)
+    with stats.recording():  # switched on, same input: they must run, and carry the gradient
+        model(x)
+    torch.testing.assert_close(stats.loss(), eager, rtol=1e-4, atol=1e-4)
+    stats.loss().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
