@@ -57,6 +57,9 @@ def build_models(cfg: RunConfig, spec: DatasetSpec, store: Path | None,
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
     if cfg.compile:  # an option, off by default: its measured effect is in results/speed/
+        # a fresh budget of compiled variants for this run: dynamo counts them per function, and a local sweep
+        # builds every run's models in one process (WRN teacher and student share one forward_features)
+        torch._dynamo.reset()
         compile_features(teacher)
         compile_features(student)
     return teacher, meta, student.to(device), Normalizer(*teacher_normalization(meta, spec)).to(device)

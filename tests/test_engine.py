@@ -543,3 +543,14 @@ def test_compiled_backbone_follows_hooks_switched_on_after_compilation():
     torch.testing.assert_close(stats.loss(), eager, rtol=1e-4, atol=1e-4)
     stats.loss().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.slow  # compiles two runs' backbones
+def test_compiled_runs_in_one_process_each_get_dynamos_full_recompile_budget(tiny_store, tmp_path, caplog):
+    # a local sweep builds its runs in one process; without a reset the second method's variants passed
+    # dynamo's limit of 8 per function and fell back to eager (results/speed/compile-cpu.md)
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        for name in ("fast", "cmi"):
+            runner = tiny_runner(name, tmp_path / name, tiny_store, {"compile": True, "method.g_steps": 1})
+            assert runner.run()["status"] == "complete"
+    assert "recompile_limit" not in caplog.text
