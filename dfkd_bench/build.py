@@ -105,10 +105,14 @@ def build_loss(cfg: RunConfig, loss_cfg: Any, teacher: nn.Module, student: nn.Mo
     """The distillation loss (it may own parameters: CSD's alignment head).
 
     Raises:
-        DfkdError: the loss needs labels and the method keeps none.
+        DfkdError: the loss needs labels and the method keeps none, or ``compile`` is on and the loss cannot
+            work on compiled backbones (:meth:`DistillLoss.compilable`).
     """
     loss_fn = LOSSES.get(cfg.loss)(LossContext(teacher, student, spec.image_shape, spec.num_classes,
                                                cfg.temperature), loss_cfg).to(device)
+    if cfg.compile and not loss_fn.compilable():
+        raise DfkdError(f"loss '{cfg.loss}' differentiates with respect to the backbone's intermediate feature maps, "
+                        "which a compiled backbone does not expose; run it without --set compile=true")
     if loss_fn.needs_labels and not SYNTHESIZERS.get(cfg.method).uses_labels:
         raise DfkdError(f"loss '{cfg.loss}' needs labels, but method '{cfg.method}' does not keep them")
     return loss_fn
