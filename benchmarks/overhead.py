@@ -68,7 +68,6 @@ def timed(fn) -> float:
 def measure(method: str, reps: int, folder: Path, overrides: dict | None = None,
             store: Path | None = None) -> dict[str, float]:
     """Median seconds of a synthesis round and of a round's student steps, through the runner and bare."""
-    torch._dynamo.reset()  # with --set compile=true: each method starts with dynamo's full recompile budget
     runner = build(method, folder, overrides, store)
     terms: dict[str, list[float]] = defaultdict(list)
     runner.method.ctx.student_lr = runner.optimizer.param_groups[0]["lr"]
