@@ -108,11 +108,12 @@ def build_loss(cfg: RunConfig, loss_cfg: Any, teacher: nn.Module, student: nn.Mo
         DfkdError: the loss needs labels and the method keeps none, or ``compile`` is on and the loss cannot
             work on compiled backbones (:meth:`DistillLoss.compilable`).
     """
-    loss_fn = LOSSES.get(cfg.loss)(LossContext(teacher, student, spec.image_shape, spec.num_classes,
-                                               cfg.temperature), loss_cfg).to(device)
-    if cfg.compile and not loss_fn.compilable():
+    loss_cls = LOSSES.get(cfg.loss)
+    if cfg.compile and not loss_cls.compilable(loss_cfg):
         raise DfkdError(f"loss '{cfg.loss}' differentiates with respect to the backbone's intermediate feature maps, "
                         "which a compiled backbone does not expose; run it without --set compile=true")
+    loss_fn = loss_cls(LossContext(teacher, student, spec.image_shape, spec.num_classes, cfg.temperature),
+                       loss_cfg).to(device)
     if loss_fn.needs_labels and not SYNTHESIZERS.get(cfg.method).uses_labels:
         raise DfkdError(f"loss '{cfg.loss}' needs labels, but method '{cfg.method}' does not keep them")
     return loss_fn

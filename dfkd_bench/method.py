@@ -163,8 +163,10 @@ class DistillLoss(nn.Module):
         """Named terms; the runner minimizes their sum."""
         raise NotImplementedError
 
-    def compilable(self) -> bool:
-        """Whether the loss works on compiled backbones (``--set compile=true``). A loss that differentiates
+    @classmethod
+    def compilable(cls, cfg: Any) -> bool:
+        """Whether the loss with settings ``cfg`` works on compiled backbones (``--set compile=true``); asked
+        before the loss is built, as building may already run the backbones. A loss that differentiates
         with respect to a backbone's intermediate feature maps does not: under ``torch.compile`` the maps its
         hooks catch are side outputs of one graph, not ancestors of the logits."""
         return True

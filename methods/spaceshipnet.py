@@ -362,8 +362,9 @@ class SpaceshipNetLoss(DistillLoss):
             self._teacher_maps = StageMaps(ctx.teacher, recording=False)  # only while the loss re-runs it
             self._student_input = InputCatcher(ctx.student, (c, h, w))
 
-    def compilable(self) -> bool:
-        return self.cfg.gradcam == 0  # Grad-CAM differentiates the logits with respect to stage maps
+    @classmethod
+    def compilable(cls, cfg: Config) -> bool:
+        return cfg.gradcam == 0  # Grad-CAM differentiates the logits with respect to stage maps
 
     @staticmethod
     def _check_classifier(model: nn.Module, role: str, shape: tuple[int, int, int]) -> None:

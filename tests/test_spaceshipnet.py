@@ -270,6 +270,7 @@ def test_a_short_run_trains_on_decoded_batches_and_logs_every_term(tiny_store, t
 def test_gradcam_loss_refuses_compiled_backbones_in_one_line(tiny_store, tmp_path):
     with pytest.raises(DfkdError, match="without --set compile=true"):
         tiny_runner("spaceshipnet", tmp_path / "run", tiny_store, {"compile": True})
-    # without the Grad-CAM term nothing differentiates stage maps, and the compiled run is allowed
-    runner = tiny_runner("spaceshipnet", tmp_path / "run2", tiny_store, {"compile": True, "loss.gradcam": 0})
-    assert "forward_features" in vars(runner.student)
+    # without the Grad-CAM term nothing differentiates stage maps, and compiling is allowed (checked without
+    # compiling: building the loss already runs the backbone, which would compile it)
+    runner = tiny_runner("spaceshipnet", tmp_path / "run2", tiny_store, {"loss.gradcam": 0})
+    assert runner.loss_fn.compilable(runner.loss_fn.cfg)
