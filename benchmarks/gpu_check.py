@@ -9,10 +9,12 @@ second, peak CUDA memory, accuracy after the rounds, and the error of a run that
     python benchmarks/gpu_check.py --device cpu --methods fast,kd-noise \\
         --set epochs=1 --output /tmp/cpu-check                          # the same code path on CPU
 
-On CPU it sets ``amp_cpu=true`` so autocast and the GradScaler run there too (the test suite runs
-it that way at a tiny budget so that it cannot rot). ``benchmarks/gpu_check.sh`` installs the
-project around an existing PyTorch first. Offline: the shipped teachers (``teachers/``) and
-Fashion-MNIST from ``$DFKD_BENCH_DATA``/``--data-root`` or Debian's copy.
+``--jobs N`` runs N of them at a time on the one device: the check's wall time drops, and the
+times in the table then include the sharing (the header says so). On CPU it sets ``amp_cpu=true``
+so autocast and the GradScaler run there too (the test suite runs it that way at a tiny budget so
+that it cannot rot). ``benchmarks/gpu_check.sh`` installs the project around an existing PyTorch
+first. Offline: the shipped teachers (``teachers/``) and Fashion-MNIST from
+``$DFKD_BENCH_DATA``/``--data-root`` or Debian's copy.
 Exit status: 0 when every run completed, 1 otherwise.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +109,11 @@ def _rounds(config_path: Path, epochs: int) -> int:
 
 
 def markdown(rows: list[dict], label: dict, args: argparse.Namespace) -> str:
-    head = (f"# CUDA check: {label['name']}\n\n{label}\n\n`quick` preset, seed 0, {args.epochs} epoch(s) per run, "
-            f"device {args.device}; times are wall seconds per synthesis round and per round of student steps.\n\n")
+    head = (f"# CUDA check: {label['name']}\n\n{label}\n\n`{args.preset}` preset, seed 0, "
+            f"{args.epochs} epoch(s) per run, device {args.device}; times are wall seconds per synthesis round "
+            f"and per round of student steps"
+            + (f", with {args.jobs} runs sharing the device at a time (times are inflated by the sharing)"
+               if args.jobs > 1 else "") + ".\n\n")
     cols = ["method", "amp_dtype", "status", "synth_s_per_round", "student_s_per_round", "images_per_s",
             "peak_cuda_mb", "peak_rss_mb", "accuracy", "wall_seconds", "error"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plugin", action="append", default=[])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-timeout", dest="run_timeout", type=float, default=300.0)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time on the one device (their times then include the sharing)")
     parser.add_argument("--output", required=True, help="folder for gpu_check.json, gpu_check.md and the runs")
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -139,15 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     label = device_label(args.device)
     methods = [m for m in args.methods.split(",") if m] or all_methods(args.plugin)
     dtypes = [d for d in args.dtypes.split(",") if d]
-    rows = []
-    for method in methods:
-        for dtype in dtypes:
-            row = run_one(method, dtype, args, output / "runs")
-            rows.append(row)
-            print(f"{method:14s} {dtype:9s} {row['status']:8s} synth {row.get('synth_s_per_round')} s/round, "
-                  f"student {row.get('student_s_per_round')} s/round, peak CUDA {row.get('peak_cuda_mb')} MiB, "
-                  f"acc {row.get('accuracy')}" + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
-    record = {"machine": label, "preset": args.preset, "epochs": args.epochs, "sets": args.set, "runs": rows}
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+
+    def one(job: tuple[str, str]) -> dict:
+        method, dtype = job
+        row = run_one(method, dtype, args, output / "runs")
+        print(f"{method:14s} {dtype:9s} {row['status']:8s} synth {row.get('synth_s_per_round')} s/round, "
+              f"student {row.get('student_s_per_round')} s/round, peak CUDA {row.get('peak_cuda_mb')} MiB, "
+              f"acc {row.get('accuracy')}" + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
+        return row
+
+    jobs = [(method, dtype) for method in methods for dtype in dtypes]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process; threads only wait
+        rows = list(pool.map(one, jobs))
+    record = {"machine": label, "preset": args.preset, "epochs": args.epochs, "jobs": args.jobs, "sets": args.set,
+              "runs": rows}
     (output / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
     (output / "gpu_check.md").write_text(markdown(rows, label, args))
     bad = [r for r in rows if r["status"] != "complete"]

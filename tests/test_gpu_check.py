@@ -19,11 +19,14 @@ def test_the_cuda_check_runs_on_cpu_and_reports_every_run(tiny_store, tmp_path, 
     code = gpu_check.main(["--device", "cpu", "--methods", "fast,kd-noise,no-such-method", "--plugin", "helpers",
                            "--dataset", TINY, "--teacher", "wrn16_1", "--student", "wrn16_1", "--teacher-store",
                            str(tiny_store), "--output", str(tmp_path), *[a for kv in sets for a in ("--set", kv)],
-                           "--set", "epochs=2", "--set", "warmup_epochs=0"])
+                           "--set", "epochs=2", "--set", "warmup_epochs=0", "--jobs", "2"])
     assert code == 1  # the unknown method's runs failed, and the exit status says so
     record = json.loads((tmp_path / "gpu_check.json").read_text())
-    rows = {(r["method"], r["amp_dtype"]): r for r in record["runs"]}
-    assert set(rows) == {(m, d) for m in ("fast", "kd-noise", "no-such-method") for d in ("float16", "bfloat16")}
+    order = [(r["method"], r["amp_dtype"]) for r in record["runs"]]
+    # two runs at a time, and the rows still come in the order asked for
+    assert record["jobs"] == 2 and order == [(m, d) for m in ("fast", "kd-noise", "no-such-method")
+                                             for d in ("float16", "bfloat16")]
+    rows = dict(zip(order, record["runs"]))
     for method in ("fast", "kd-noise"):
         for dtype in ("float16", "bfloat16"):
             row = rows[method, dtype]
@@ -36,4 +39,5 @@ def test_the_cuda_check_runs_on_cpu_and_reports_every_run(tiny_store, tmp_path, 
     bad = rows["no-such-method", "float16"]
     assert bad["status"] == "error" and "unknown method 'no-such-method'" in bad["error"]
     table = (tmp_path / "gpu_check.md").read_text()
+    assert "with 2 runs sharing the device at a time" in table
     assert "| fast | float16 | complete |" in table and "| no-such-method | bfloat16 | error |" in table
