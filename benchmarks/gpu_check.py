@@ -58,7 +58,8 @@ def run_one(method: str, dtype: str, args: argparse.Namespace, workdir: Path) ->
     cmd = [sys.executable, "-m", "dfkd_bench", *[a for p in args.plugin for a in ("--plugin", p)], "run",
            "--method", method, "--preset", args.preset, "--seed", "0", "--device", args.device,
            "--dataset", args.dataset, "--output", str(folder), "--name", "run", "--no-train-teacher",
-           "--budget", f"epochs={args.epochs}", "--set", f"amp_dtype={dtype}"]
+           "--budget", f"epochs={args.epochs + warmup_epochs(method, args)}",
+           "--set", "amp=true", "--set", f"amp_dtype={dtype}"]  # autocast is a run option, off by default
     if args.device == "cpu":
         cmd += ["--set", "amp_cpu=true"]
     for key in ("teacher", "student", "teacher_store"):
@@ -86,13 +87,16 @@ def run_one(method: str, dtype: str, args: argparse.Namespace, workdir: Path) ->
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines() if line]
     last = records[-1] if records else {}  # the records' counters carry 3 decimals, the summary's 2
     synth, distill = last.get("synth_seconds") or 0.0, last.get("distill_seconds") or 0.0
-    n_rounds = _rounds(folder / "run" / "config.json", len(records))
+    per_epoch = _rounds_per_epoch(folder / "run" / "config.json")
+    n_rounds = per_epoch * len(records)  # every epoch synthesizes; warm-up epochs train no student
+    student_rounds = per_epoch * sum(1 for r in records if not r.get("warmup"))
     row.update(
         status=summary["status"] if summary["status"] != "budget" else "complete",
         reason=summary.get("reason"),
         rounds=n_rounds,
+        student_rounds=student_rounds,
         synth_s_per_round=round(synth / n_rounds, 3) if n_rounds else None,
-        student_s_per_round=round(distill / n_rounds, 3) if n_rounds else None,
+        student_s_per_round=round(distill / student_rounds, 3) if student_rounds else None,
         images_per_s=round(summary["images"] / synth, 1) if synth > 0 else None,
         peak_cuda_mb=summary.get("peak_cuda_mb"), peak_rss_mb=summary.get("peak_rss_mb"),
         accuracy=summary.get("final_acc"), amp=summary.get("amp"), device_name=summary.get("device"),
@@ -102,15 +106,32 @@ def run_one(method: str, dtype: str, args: argparse.Namespace, workdir: Path) ->
     return row
 
 
-def _rounds(config_path: Path, epochs: int) -> int:
+def _rounds_per_epoch(config_path: Path) -> int:
     cfg = json.loads(config_path.read_text())
-    per_epoch = max(1, cfg["ep_steps"] // max(1, cfg["kd_steps"])) if cfg["method"] != "teacher" else 0
-    return per_epoch * epochs
+    return max(1, cfg["ep_steps"] // max(1, cfg["kd_steps"])) if cfg["method"] != "teacher" else 0
+
+
+def warmup_epochs(method: str, args: argparse.Namespace) -> int:
+    """The method's warm-up epochs (synthesis only, no student step) in the checked preset, after ``--set``:
+    the check adds them to ``--epochs`` so that every run reaches its student steps (Fast warms up 1 epoch)."""
+    for kv in reversed(args.set):
+        key, _, value = kv.partition("=")
+        if key.strip() == "warmup_epochs":
+            return int(value)
+    from dfkd_bench.errors import DfkdError
+    from dfkd_bench.registry import get_preset, load_plugins
+
+    load_plugins(args.plugin)
+    try:
+        return int(get_preset(method, args.preset).get("warmup_epochs", 0))
+    except DfkdError:  # an unknown method or preset: its run reports the error
+        return 0
 
 
 def markdown(rows: list[dict], label: dict, args: argparse.Namespace) -> str:
     head = (f"# CUDA check: {label['name']}\n\n{label}\n\n`{args.preset}` preset, seed 0, "
-            f"{args.epochs} epoch(s) per run, device {args.device}; times are wall seconds per synthesis round "
+            f"{args.epochs} epoch(s) of student steps per run (after the method's warm-up epochs, if any), "
+            f"device {args.device}; times are wall seconds per synthesis round "
             f"and per round of student steps"
             + (f", with {args.jobs} runs sharing the device at a time (times are inflated by the sharing)"
                if args.jobs > 1 else "") + ".\n\n")
@@ -129,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="", help="comma-separated (default: every method and baseline)")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--preset", default="quick")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per run (--budget epochs=N)")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="epochs of student steps per run; the method's warm-up epochs come on top")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--teacher", default="")
     parser.add_argument("--student", default="")

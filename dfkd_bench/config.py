@@ -61,11 +61,14 @@ class RunConfig:
     max_seconds: float = 0.0
     max_epochs: int = 0  # stop after this many epochs of the schedule set by `epochs` (which it does not change)
     device: str = "auto"
-    amp: bool = True  # autocast on CUDA; on CPU only with amp_cpu
-    amp_dtype: str = "float16"  # autocast dtype; float16 also scales the loss (GradScaler), bfloat16 needs no scaler
+    # Autocast (mixed precision), off by default: the authors' code runs float32, and on an H200 it bought no speed
+    # at 28 px (results/gpu/nvidia-h200/README.md). float16 overflows a barely trained student's eval-mode
+    # activations (CSD, ResNet-34 -> ResNet-18: non-finite images in round 1); bfloat16 keeps float32's range.
+    amp: bool = False  # autocast on CUDA when set; on CPU only with amp_cpu as well
+    amp_dtype: str = "bfloat16"  # autocast dtype; float16 also scales the loss (GradScaler), bfloat16 needs no scaler
     channels_last: bool = False  # teacher and student in channels_last memory format (speed option, off by default)
     compile: bool = False  # torch.compile the teacher's and student's forward_features (speed option, off by default)
-    amp_cpu: bool = False  # autocast on CPU too: the AMP code path without a GPU (for tests; slower than float32)
+    amp_cpu: bool = False  # with amp, autocast on CPU too: the AMP code path without a GPU (tests; slower than fp32)
     sync_bn_stats: bool = False  # data-parallel runs: BN-statistics losses on the global batch, not each rank's
     eval_batch_size: int = 512
     selection_images: int = 0  # >0: held-out synthetic images for the data-free checkpoint rule (selection.py)

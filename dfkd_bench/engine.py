@@ -33,7 +33,7 @@ from .errors import DfkdError, NonFiniteError
 from .method import Outputs, SynthContext
 from .registry import SYNTHESIZERS
 from .reporting import Reporter, SilentReporter
-from .rundir import CHECKPOINT, Counters, RunFolder, budget_reached, run_summary
+from .rundir import CHECKPOINT, CONFIG, Counters, RunFolder, budget_reached, run_summary
 from .runtime import device_name, rng_state, seed_everything, select_device, set_rng_state
 from .selection import SELECTION, HeldOutBatch
 
@@ -53,7 +53,7 @@ class Runner:
         # autocast on CUDA; on CPU only when asked (amp_cpu), so the AMP path can be tested without a GPU
         self.amp = cfg.amp and (self.device.type == "cuda" or cfg.amp_cpu)
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
-        self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict())
+        self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict(), device_type=self.device.type)
         seed_everything(cfg.seed)
         self.teacher, self.teacher_meta, self.student, self.normalizer = build_models(cfg, spec, teacher_store, device)
         self.test = spec.split("test")  # in memory, or read lazily from class folders (ImageNet)
@@ -90,7 +90,10 @@ class Runner:
         # the data-free checkpoint rule's held-out images (selection.py); never in the pool
         self.selection = HeldOutBatch(cfg.selection_images, self.run_dir / SELECTION) if cfg.selection_images else None
         self.start_epoch = 0
-        self.folder.write_config(cfg.to_dict())  # only once every input has been checked: a typo leaves no folder
+        # only once every input has been checked (a typo leaves no folder), and only into a new folder: a folder's
+        # config stays what its first session wrote (check_config found it the same run)
+        if not (self.run_dir / CONFIG).is_file():
+            self.folder.write_config(cfg.to_dict())
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the protocol to its end; returns the summary. The folder stays locked to

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .errors import DfkdError
 from .registry import SYNTHESIZERS, load_plugins
-from .rundir import CONFIG, LAST_K, MEMORY_FIELDS, METRICS, SUMMARY, read_metrics
+from .rundir import CONFIG, LAST_K, MEMORY_FIELDS, METRICS, SUMMARY, read_metrics, without_idle_amp
 from .stats import ALPHA, CONFIDENCE, NA, Estimate, Mark, best_group, estimate
 
 # "settings" lists what a run changed relative to its preset (--set values), so variants are never averaged
@@ -57,7 +57,7 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         warnings.warn(f"skipping {run_dir}: summary.json has no status", stacklevel=2)
         return None
     row = {k: config.get(k) for k in GROUP_KEYS}
-    row["settings"] = settings_beyond_preset(config)
+    row["settings"] = settings_beyond_preset(config, summary.get("amp"))
     row["side information"] = side_information(config)
     sha = summary.get("teacher_sha256")
     row["teacher sha256"] = sha[:12] if isinstance(sha, str) and sha else "?"  # "?": a summary that lacks it
@@ -105,9 +105,11 @@ _NOT_SETTINGS = {"method", "dataset", "teacher", "student", "preset", "loss", "s
                  "teacher_weights"}
 
 
-def settings_beyond_preset(config: dict[str, Any]) -> str:
+def settings_beyond_preset(config: dict[str, Any], autocast: bool | None = None) -> str:
     """What ``config`` (a run's config.json) sets differently from its preset, as ``key=value`` pairs;
-    ``""`` when it is the preset as it stands today, ``"?"`` when the preset cannot be resolved here."""
+    ``""`` when it is the preset as it stands today, ``"?"`` when the preset cannot be resolved here.
+    ``autocast`` is whether the run ran under autocast (its summary's ``amp``): when it did not, the AMP
+    fields changed no number and are not differences (a CPU run's ``amp=true`` from before amp was off)."""
     from .config import resolve_config
 
     try:
@@ -117,6 +119,8 @@ def settings_beyond_preset(config: dict[str, Any]) -> str:
     except Exception:  # an unknown method or preset (a plugin not loaded, a renamed preset)
         return "?"
     ref_dict = json.loads(json.dumps(ref.to_dict(), default=str))  # tuples -> lists, as on disk
+    if autocast is False:
+        config = without_idle_amp(config, False)
     diff = [f"{k}={config[k]}" for k in sorted(config)
             if k not in _NOT_SETTINGS and k in ref_dict and config[k] != ref_dict[k]]
     for part in ("method_cfg", "loss_cfg"):

@@ -49,6 +49,21 @@ STUDENT, SAMPLES, POOL, LOCK = "student.pt", "samples.png", "pool.pt", ".lock"
 # Fields that may differ between the attempts of one run (where it runs, how fast it evaluates).
 _IGNORED_FOR_RESUME = {"device", "eval_batch_size", "teacher_pretrained", "teacher_weights"}  # the sha256 decides
 
+# The run fields that choose autocast. A run where autocast was not in effect computed in float32 whatever they say
+# (before amp was off by default, every CPU run's config said amp=true, amp_dtype=float16).
+AMP_FIELDS = ("amp", "amp_dtype", "amp_cpu")
+
+
+def autocast_in_effect(config: dict[str, Any], device_type: str) -> bool:
+    """Whether a run with ``config`` (a run's config dict) runs under autocast on a ``device_type`` device
+    (``"cuda"`` or ``"cpu"``): ``amp`` set, and the device CUDA or ``amp_cpu`` set too (engine.Runner)."""
+    return bool(config.get("amp")) and (device_type == "cuda" or bool(config.get("amp_cpu")))
+
+
+def without_idle_amp(config: dict[str, Any], in_effect: bool) -> dict[str, Any]:
+    """``config`` without :data:`AMP_FIELDS` when autocast was not in effect (they changed no number)."""
+    return config if in_effect else {k: v for k, v in config.items() if k not in AMP_FIELDS}
+
 
 # Record fields that depend on the machine and its load, not on the arithmetic of the run.
 MEMORY_FIELDS = ("peak_rss_mb", "peak_cuda_mb")
@@ -174,15 +189,24 @@ class RunFolder:
 
     # ------------------------------------------------------------ config
 
-    def check_config(self, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    def check_config(self, config: dict[str, Any], defaults: dict[str, Any] | None = None,
+                     device_type: str | None = None) -> None:
         """Refuse a folder that holds another run's config (before anything is written). A field the
-        folder's config lacks (written before the field existed) counts as its value in ``defaults``."""
+        folder's config lacks (written before the field existed) counts as its value in ``defaults``.
+        On a ``device_type`` (default: the one ``config["device"]`` picks here) where a config's autocast
+        would not be in effect, its AMP fields are not compared: both compute in float32."""
         cfg_path = self.path / CONFIG
         wanted = json.loads(json.dumps(config, default=str))  # tuples -> lists, as on disk
         if not cfg_path.is_file():
             return
         existing = read_json_object(cfg_path, "a run's config; choose another --output or delete that folder")
         existing = {**json.loads(json.dumps(defaults or {}, default=str)), **existing}
+        if device_type is None:
+            name = str(wanted.get("device", "auto"))
+            device_type = "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) \
+                else "cpu"
+        existing = without_idle_amp(existing, autocast_in_effect(existing, device_type))
+        wanted = without_idle_amp(wanted, autocast_in_effect(wanted, device_type))
         if _comparable(existing) != _comparable(wanted):
             diff = sorted(k for k in set(existing) | set(wanted)
                           if k not in _IGNORED_FOR_RESUME and existing.get(k) != wanted.get(k))

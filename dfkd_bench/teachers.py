@@ -231,12 +231,16 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
     else:
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestone_epochs(cfg), gamma=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # float16 autocast on CUDA, so the loss is scaled: unscaled float16 gradients underflow (off on CPU)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
     start_epoch, history, seconds_before = 0, [], 0.0
     state = _read_partial(partial, cfg, spec.name, arch)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # absent from partial files written before the scaler, and on CPU
+            scaler.load_state_dict(state["scaler"])
         gen.set_state(state["generator"])
         set_rng_state(state["rng"])
         start_epoch, history, seconds_before = state["epoch"], list(state["history"]), state["seconds"]
@@ -261,8 +265,9 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
             with torch.autocast(dev.type, enabled=dev.type == "cuda"):
                 loss = F.cross_entropy(model(x), labels.to(dev))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             if cfg.schedule == "onecycle":
                 sched.step()
             done = epoch * steps_per_epoch + step + 1
@@ -283,6 +288,7 @@ def train_teacher(spec: DatasetSpec, arch: str, cfg: TeacherTrainConfig, store: 
                 "settings": asdict(cfg), "epoch": epoch + 1, "history": history,
                 "seconds": seconds_before + time.time() - started, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "rng": rng_state()})
         progress.epoch(epoch, acc)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}

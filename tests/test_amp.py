@@ -11,6 +11,7 @@ from helpers import tiny_runner
 
 from dfkd_bench.batches import FreshBatches
 from dfkd_bench.config import RunConfig
+from dfkd_bench.errors import DfkdError
 from dfkd_bench.registry import SYNTHESIZERS
 from dfkd_bench.rundir import CONFIG, SUMMARY
 
@@ -23,7 +24,7 @@ def _first_conv_dtypes(model: torch.nn.Module, seen: list[torch.dtype]) -> torch
 
 
 def _amp_runner(method: str, dtype: str, run_dir, store, extra: dict | None = None):
-    overrides = {"amp_cpu": True, "amp_dtype": dtype, **(extra or {})}
+    overrides = {"amp": True, "amp_cpu": True, "amp_dtype": dtype, **(extra or {})}
     if "g_steps" in SYNTHESIZERS.get(method).Config.__dataclass_fields__:
         overrides["method.g_steps"] = 2
     return tiny_runner(method, run_dir, store, overrides)
@@ -74,15 +75,39 @@ def test_a_float16_run_on_cpu_goes_through_the_grad_scaler(tiny_store, tmp_path)
     assert json.loads((tmp_path / "run" / SUMMARY).read_text())["amp_dtype"] == "float16"
 
 
-def test_amp_is_off_on_cpu_unless_asked(tiny_store, tmp_path):
+def test_amp_is_off_by_default_and_on_cpu_needs_amp_cpu_as_well(tiny_store, tmp_path):
     runner = tiny_runner("kd-noise", tmp_path / "run", tiny_store)
-    assert runner.cfg.amp and not runner.amp and not runner.scaler.is_enabled()
+    assert not runner.cfg.amp and not runner.amp and not runner.scaler.is_enabled()  # float32, as the authors
     assert not runner.method.ctx.amp
+    runner = tiny_runner("kd-noise", tmp_path / "run2", tiny_store, {"amp": True})
+    assert runner.cfg.amp and not runner.amp and not runner.method.ctx.amp  # CPU: amp alone does not autocast
+    assert tiny_runner("kd-noise", tmp_path / "run3", tiny_store, {"amp": True, "amp_cpu": True}).amp
+
+
+def test_a_cpu_folder_written_when_amp_was_on_by_default_resumes_and_compares_as_float32(tiny_store, tmp_path):
+    from dfkd_bench.results import collect
+
+    run = tiny_runner("kd-noise", tmp_path / "old", tiny_store, {"epochs": 1})
+    assert run.run()["status"] == "complete"
+    plain = collect(tmp_path).iloc[0]["settings"]  # the tiny budget's keys
+    cfg_path = tmp_path / "old" / "config.json"
+    old = json.loads(cfg_path.read_text())
+    old.update(amp=True, amp_dtype="float16")  # what every CPU run's config said before the default changed
+    cfg_path.write_text(json.dumps(old))
+    tiny_runner("kd-noise", tmp_path / "old", tiny_store, {"epochs": 1})  # same run: no "holds a different run"
+    # autocast was not in effect (summary amp false), so the AMP fields are no setting of this run
+    assert "amp" not in plain and collect(tmp_path).iloc[0]["settings"] == plain
+
+    summary_path = tmp_path / "old" / SUMMARY  # the same folder, had it run under autocast
+    summary = json.loads(summary_path.read_text())
+    summary["amp"] = True
+    summary_path.write_text(json.dumps(summary))
+    assert collect(tmp_path).iloc[0]["settings"] == f"amp=True, amp_dtype=float16, {plain}"
+    with pytest.raises(DfkdError, match="differs in: amp, amp_cpu, amp_dtype"):  # autocast now: another run
+        tiny_runner("kd-noise", tmp_path / "old", tiny_store, {"epochs": 1, "amp": True, "amp_cpu": True})
 
 
 def test_a_bad_amp_dtype_is_a_user_error(tiny_store, tmp_path):
-    from dfkd_bench.errors import DfkdError
-
     with pytest.raises(DfkdError, match="amp_dtype must be one of float16, bfloat16"):
         tiny_runner("kd-noise", tmp_path / "run", tiny_store, {"amp_dtype": "float8"})
 

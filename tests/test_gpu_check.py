@@ -41,3 +41,12 @@ def test_the_cuda_check_runs_on_cpu_and_reports_every_run(tiny_store, tmp_path, 
     table = (tmp_path / "gpu_check.md").read_text()
     assert "with 2 runs sharing the device at a time" in table
     assert "| fast | float16 | complete |" in table and "| no-such-method | bfloat16 | error |" in table
+
+
+def test_the_check_adds_a_methods_warm_up_epochs_so_that_its_student_steps_run():
+    args = gpu_check.argparse.Namespace(set=[], plugin=[], preset="quick")
+    assert gpu_check.warmup_epochs("fast", args) == 1  # Fast's quick preset only synthesizes in epoch 1
+    assert gpu_check.warmup_epochs("csd", args) == 0
+    assert gpu_check.warmup_epochs("no-such-method", args) == 0  # its run reports the error
+    args.set = ["warmup_epochs=2", "warmup_epochs=0"]  # the last --set wins, as in a run
+    assert gpu_check.warmup_epochs("fast", args) == 0
