@@ -372,7 +372,9 @@ def test_every_shipped_teacher_matches_its_sidecar_and_loads(sidecar):
     dataset, every tensor loading strictly; a stale sidecar or a truncated file fails here, not in a run."""
     meta = json.loads(sidecar.read_text())
     spec = get_dataset(meta["dataset"])
-    model, loaded = load_teacher(spec, meta["arch"], store=sidecar.parents[1])  # hashes the file once
+    name = f"{meta['arch']}@{meta['variant']}" if meta.get("variant") else meta["arch"]  # wrn16_2@s1: its own file
+    model, loaded = load_teacher(spec, name, store=sidecar.parents[1])  # hashes the file once
+    assert loaded["path"].endswith(sidecar.with_suffix(".pt").name)
     assert loaded["sha256"] == meta["sha256"] and not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp16 files load as float32
     assert 50.0 < meta["test_accuracy"] <= 100.0
