@@ -50,7 +50,7 @@ class Runner:
         self.spec = spec = get_dataset(cfg.dataset)
         self.device = device = self.ranks.device(select_device(cfg.device))
         batch_size = self.ranks.share(cfg.batch_size, "batch_size")
-        # autocast on CUDA; on CPU only when asked (amp_cpu), so the AMP path can be tested without a GPU
+        # with amp set: autocast on CUDA; on CPU only with amp_cpu too, so the AMP path can be tested without a GPU
         self.amp = cfg.amp and (self.device.type == "cuda" or cfg.amp_cpu)
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
         self.folder.check_config(cfg.to_dict(), defaults=RunConfig().to_dict(), device_type=self.device.type)
