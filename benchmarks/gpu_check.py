@@ -114,18 +114,16 @@ def _rounds_per_epoch(config_path: Path) -> int:
 def warmup_epochs(method: str, args: argparse.Namespace) -> int:
     """The method's warm-up epochs (synthesis only, no student step) in the checked preset, after ``--set``:
     the check adds them to ``--epochs`` so that every run reaches its student steps (Fast warms up 1 epoch)."""
-    for kv in reversed(args.set):
-        key, _, value = kv.partition("=")
-        if key.strip() == "warmup_epochs":
-            return int(value)
+    from dfkd_bench.config import parse_assignments, resolve_config
     from dfkd_bench.errors import DfkdError
-    from dfkd_bench.registry import get_preset, load_plugins
+    from dfkd_bench.registry import load_plugins
 
     load_plugins(args.plugin)
-    try:
-        return int(get_preset(method, args.preset).get("warmup_epochs", 0))
-    except DfkdError:  # an unknown method or preset: its run reports the error
+    try:  # the run's own resolution of preset and --set values
+        cfg, _, _ = resolve_config(method, args.preset, parse_assignments(args.set))
+    except DfkdError:  # an unknown method or preset, a bad --set: its run reports the error
         return 0
+    return cfg.warmup_epochs
 
 
 def markdown(rows: list[dict], label: dict, args: argparse.Namespace) -> str:
