@@ -33,7 +33,7 @@ from .errors import DfkdError, NonFiniteError
 from .method import Outputs, SynthContext
 from .registry import SYNTHESIZERS
 from .reporting import Reporter, SilentReporter
-from .rundir import CHECKPOINT, CONFIG, Counters, RunFolder, budget_reached, run_summary
+from .rundir import CHECKPOINT, Counters, RunFolder, budget_reached, run_summary
 from .runtime import device_name, rng_state, seed_everything, select_device, set_rng_state
 from .selection import SELECTION, HeldOutBatch
 
@@ -90,10 +90,8 @@ class Runner:
         # the data-free checkpoint rule's held-out images (selection.py); never in the pool
         self.selection = HeldOutBatch(cfg.selection_images, self.run_dir / SELECTION) if cfg.selection_images else None
         self.start_epoch = 0
-        # only once every input has been checked (a typo leaves no folder), and only into a new folder: a folder's
-        # config stays what its first session wrote (check_config found it the same run)
-        if not (self.run_dir / CONFIG).is_file():
-            self.folder.write_config(cfg.to_dict())
+        # only once every input has been checked (a typo leaves no folder); a folder that has one keeps it
+        self.folder.write_config(cfg.to_dict())
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the protocol to its end; returns the summary. The folder stays locked to

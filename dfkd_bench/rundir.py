@@ -213,10 +213,18 @@ class RunFolder:
             raise DfkdError(f"{self.path} holds a different run (differs in: {', '.join(diff)}); "
                             "choose another --output or --name")
 
-    def write_config(self, config: dict[str, Any]) -> None:
+    def write_config(self, config: dict[str, Any]) -> bool:
+        """Write ``config.json`` into a folder that has none; returns whether it wrote. A folder's config stays
+        what its first session wrote (:meth:`check_config` found a later session to be the same run). The
+        check happens here, inside the call, so that under data parallelism only rank 0 looks at the disk
+        and every rank makes the same call (a rank that looked after rank 0 wrote would skip it and hang).
+        Raises :class:`DfkdError` when the folder cannot be written."""
+        if (self.path / CONFIG).is_file():
+            return False
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path / CONFIG, config)
+            return True
         except OSError as exc:
             raise DfkdError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
 

@@ -74,6 +74,17 @@ def test_config_json_is_the_resolved_config(di_run):
     assert config["method_cfg"]["bn"] == 10.0  # the method's own default, resolved and recorded
 
 
+def test_a_folders_config_is_written_once_by_the_folder_itself(tmp_path):
+    # the folder decides (not each caller): under data parallelism only rank 0 looks at the disk, so no rank
+    # can skip the collective call because rank 0 already wrote the file (CI hung on that once)
+    from dfkd_bench.rundir import CONFIG, RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    assert folder.write_config({"seed": 0}) is True
+    assert folder.write_config({"seed": 1}) is False
+    assert json.loads((tmp_path / "run" / CONFIG).read_text()) == {"seed": 0}
+
+
 def test_metrics_have_one_record_per_epoch_with_counters_and_named_terms(di_run):
     run_dir, _ = di_run
     records = _metrics(run_dir)
