@@ -18,6 +18,7 @@ it gets :class:`DataParallel`:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
 import socket
@@ -284,17 +285,42 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+#: seconds a collective waits for the other ranks before it fails (torch's default, 30 min for gloo and
+#: NCCL, when unset): a rank that never arrives then ends the run instead of hanging it for half an hour
+DIST_TIMEOUT_ENV = "DFKD_BENCH_DIST_TIMEOUT"
+
+
+def dist_timeout() -> datetime.timedelta | None:
+    """The collective timeout ``$DFKD_BENCH_DIST_TIMEOUT`` asks for (seconds, > 0); ``None``: torch's default.
+
+    Raises:
+        DfkdError: the variable is set to something other than a positive number of seconds.
+    """
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise DfkdError(f"${DIST_TIMEOUT_ENV} must be a positive number of seconds, not {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 @contextlib.contextmanager
 def process_group_from_env(device: str | None) -> Iterator[None]:
     """Join the process group that torchrun (or :func:`spawn`) describes in the environment, for the
-    duration of the block: gloo on CPU, NCCL on CUDA. Without ``WORLD_SIZE`` > 1 it does nothing."""
+    duration of the block: gloo on CPU, NCCL on CUDA, with :func:`dist_timeout`. Without ``WORLD_SIZE`` > 1
+    it does nothing."""
     if launched_world_size() <= 1 or dist.is_initialized():
         yield
         return
+    timeout = dist_timeout()
     cuda = select_device(device or "auto").type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     try:
         yield
     finally:

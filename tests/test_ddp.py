@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from helpers import TINY_CLI, assert_user_error, tiny_runner
 
 from dfkd_bench.cli import cli
-from dfkd_bench.distributed import ShardedPassSampler, process_group_from_env, spawn
+from dfkd_bench.distributed import DIST_TIMEOUT_ENV, ShardedPassSampler, dist_timeout, process_group_from_env, spawn
+from dfkd_bench.errors import DfkdError
 from dfkd_bench.losses import BNStatistics, sync_bn_statistics
 from dfkd_bench.pool import SamplePool, quantize
 from dfkd_bench.rundir import CHECKPOINT, MACHINE_FIELDS, METRICS, STUDENT, SUMMARY, read_metrics
@@ -26,6 +27,8 @@ from dfkd_bench.zoo import create_model
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
+# a rank that misses a collective fails these tests in minutes, not after torch's 30-minute default
+os.environ.setdefault(DIST_TIMEOUT_ENV, "240")
 RUN = {"method.g_steps": 2}
 
 
@@ -192,6 +195,33 @@ def test_the_run_command_in_two_ranks_prints_and_writes_once(two_ranks):
     summary = json.loads((two_ranks / "cli" / "run" / SUMMARY).read_text())
     assert summary["world_size"] == WORLD and summary["status"] == "complete"
     assert len(read_metrics(two_ranks / "cli" / "run" / METRICS)) == summary["epochs_done"] == 2
+
+
+def test_the_collective_timeout_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "90")
+    assert dist_timeout().total_seconds() == 90
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, " ")
+    assert dist_timeout() is None  # torch's own default
+    for bad in ("0", "-5", "ten", "inf", "nan"):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(DfkdError, match=f"must be a positive number of seconds, not '{bad}'"):
+            dist_timeout()
+
+
+def _missing_rank(_out: Path) -> None:
+    with process_group_from_env("cpu"):
+        if dist.get_rank() == 0:
+            dist.barrier()  # rank 1 does not arrive: it is alive, elsewhere
+        else:
+            time.sleep(300)
+
+
+def test_a_rank_that_misses_a_collective_ends_the_run_after_the_timeout(monkeypatch, tmp_path):
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "3")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="a data-parallel process failed"):
+        spawn(WORLD, _missing_rank, tmp_path)
+    assert time.monotonic() - start < 120  # rank 0 gave up after seconds (not 30 minutes), and the others stopped
 
 
 def test_ddp_under_torchrun_is_a_user_error(monkeypatch, tmp_path):
