@@ -7,8 +7,9 @@
 #   3. the across-teacher table, last-3 stability and data-free pick, and the report
 # Finished runs are skipped and interrupted ones resume, so the script can be re-run after a stop.
 # Time (2-core AMD EPYC, AVX-512, one thread per run, two runs side by side): the five methods on one
-# (teacher, seed) took 13,460 s (NAYER 2,813, CSD 4,205, CMI 2,976, Fast 1,205, DeepInversion 2,262),
-# so the grid at 2 seeds is about 22 core-hours, 11 hours on 2 cores, plus 2 x 16 min of teacher training.
+# (teacher, seed) took 13,462 s (NAYER 2,813, CSD 4,205, CMI 2,976, Fast 1,205, DeepInversion 2,262),
+# so the grid at 2 seeds is about 22 core-hours, 11 hours on 2 cores; training the two variant teachers
+# side by side took 2,194 s and 2,172 s (their sidecars' train_seconds).
 # Usage: bash benchmarks/fashion_mnist_teachers.sh [SEEDS] [BACKEND]   (defaults: 0,1 and local)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import math
 import os
 import socket
 from typing import Any, Callable, Iterator
@@ -302,8 +303,8 @@ def dist_timeout() -> datetime.timedelta | None:
     try:
         seconds = float(raw)
     except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
+        seconds = 0.0
+    if not (math.isfinite(seconds) and seconds > 0):
         raise DfkdError(f"${DIST_TIMEOUT_ENV} must be a positive number of seconds, not {raw!r}")
     return datetime.timedelta(seconds=seconds)
 

@@ -27,9 +27,16 @@ from dfkd_bench.zoo import create_model
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
-# a rank that misses a collective fails these tests in minutes, not after torch's 30-minute default
-os.environ.setdefault(DIST_TIMEOUT_ENV, "240")
 RUN = {"method.g_steps": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collective_timeout():
+    """A rank that misses a collective fails these tests in minutes, not after torch's 30-minute default
+    (the spawned ranks and the torchrun children inherit the variable)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DIST_TIMEOUT_ENV, os.environ.get(DIST_TIMEOUT_ENV, "240"))
+        yield
 
 
 def _ranks(out_dir: Path, store: Path) -> None:
