@@ -338,7 +338,8 @@ ACROSS_KEYS = ["dataset", "teacher arch", "student", "method", "loss", "preset",
 ACROSS_NOTE = ("Across teachers: per method, the mean over seeds on each teacher (a checkpoint: a variant and its "
                "sha256), then over the teachers: their mean, their sample std (spread across teachers) and the "
                "worst teacher's mean. best group: per dataset/teacher architecture/student/preset, against the "
-               "method with the highest mean over teachers, a paired t-test over the teachers both ran on (the "
+               "method with the highest mean over teachers among those run on the most teachers (a partial grid's "
+               "means over fewer teachers are not comparable), a paired t-test over the teachers both ran on (the "
                f"unit is the teacher, not the seed; two-sided p < {ALPHA} = worse); n/a: fewer than 2 shared "
                "teachers. Baselines are shown, never ranked.")
 
@@ -381,7 +382,8 @@ def across_teachers(df: pd.DataFrame) -> pd.DataFrame:
         contenders = [i for i in g.index if not is_baseline(table.at[i, "method"])]
         if not contenders:
             continue
-        best = max(contenders, key=lambda i: float(table.at[i, "mean over teachers"]))
+        # a mean over fewer teachers is not comparable: the best is among those that ran on the most teachers
+        best = max(contenders, key=lambda i: (table.at[i, "n teachers"], float(table.at[i, "mean over teachers"])))
         for i in contenders:
             if i == best:
                 marks[i] = "best"

@@ -98,10 +98,27 @@ def git_commit(here: Path | None = None) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: the first ``model name`` in ``/proc/cpuinfo``; elsewhere
+    :func:`platform.processor`), or ``"unknown cpu"``. Timings and seeded results depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
 def device_name(device: torch.device) -> str:
+    """What ran the job, as written to ``summary.json``'s ``device``: ``cuda:<GPU name>``, or on CPU
+    ``cpu (<model>, <n> cores, <t> threads, <kernel ISA>)``; the ISA is the one ATen dispatches to
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX512, AVX2, DEFAULT), so results made under
+    ``ATEN_CPU_CAPABILITY`` overrides say so."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, {isa})"
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -26,7 +26,7 @@ from dfkd_bench.errors import DfkdError, UnknownNameError
 from dfkd_bench.method import KLLoss, SynthBatch, Synthesizer
 from dfkd_bench.registry import get_preset
 from dfkd_bench.results import collect, failed_runs, summarize, to_format
-from dfkd_bench.runtime import git_commit, sha256_file
+from dfkd_bench.runtime import cpu_model, git_commit, sha256_file
 from dfkd_bench.teachers import load_state_dict
 
 DI = {"method.g_steps": 2}
@@ -114,7 +114,8 @@ def test_summary_records_scores_budgets_and_provenance(di_run, tiny_store):
     assert summary["teacher_acc"] == sidecar["test_accuracy"]
     assert summary["teacher_sha256"] == sidecar["sha256"] == sha256_file(tiny_store / TINY / "wrn16_1.pt")
     assert summary["images"] == IMAGES_PER_ROUND * ROUNDS_PER_EPOCH * TINY_RUN["epochs"]
-    assert summary["device"].startswith("cpu")
+    assert summary["device"].startswith(f"cpu ({cpu_model()}, ")  # timings and bitwise results depend on the CPU
+    assert summary["device"].endswith(f", {torch.backends.cpu.get_cpu_capability()})")  # and on its kernel path
     assert {"python", "torch", "timm", "dfkd_bench"} <= set(summary["versions"])
     assert summary["versions"]["torch"] == torch.__version__
     assert summary["seed"] == 0 and summary["method"] == "deepinversion"
