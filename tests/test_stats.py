@@ -301,15 +301,20 @@ def _run_on_teacher(root: Path, method: str, teacher: str, seed: int, acc: float
         "images": 1, "teacher_passes": 1, "synth_seconds": 1.0, "total_seconds": 1.0}))
 
 
+def _grid(root: Path, accs: dict[str, dict[str, tuple[float, ...]]]) -> None:
+    """One run folder per (method, teacher, seed) with the given final accuracies (seed = position)."""
+    for method, per_teacher in accs.items():
+        for teacher, values in per_teacher.items():
+            for seed, acc in enumerate(values):
+                _run_on_teacher(root, method, teacher, seed, float(acc))
+
+
 def test_across_teachers_averages_teacher_means_and_ranks_over_teachers(tmp_path):
     # per-teacher seed means: cmi 80, 82, 78; fast 79, 81, 70 (pairs differ by 1, 1, 8)
     accs = {"cmi": {"wrn16_2": (79, 81), "wrn16_2@s1": (82, 82), "wrn16_2@s2": (77, 79)},
             "fast": {"wrn16_2": (78, 80), "wrn16_2@s1": (80, 82), "wrn16_2@s2": (70, 70)},
             "teacher": {"wrn16_2": (92, 92)}}
-    for method, per_teacher in accs.items():
-        for teacher, values in per_teacher.items():
-            for seed, acc in enumerate(values):
-                _run_on_teacher(tmp_path, method, teacher, seed, float(acc))
+    _grid(tmp_path, accs)
     table = across_teachers(collect(tmp_path)).set_index("method")
     cmi, fast = table.loc["cmi"], table.loc["fast"]
     assert (cmi["mean over teachers"], cmi["spread across teachers"], cmi["n teachers"]) == ("80.00", "2.00", 3)
@@ -325,20 +330,17 @@ def test_across_teachers_averages_teacher_means_and_ranks_over_teachers(tmp_path
     assert "paired t-test over the teachers" in markdown.stdout
 
 
-
 def test_across_teachers_best_is_among_the_methods_with_the_most_teachers(tmp_path):
     # a partial grid: nayer on one teacher only, with the highest mean; cmi and fast on all three
     accs = {"nayer": {"wrn16_2": (95, 95)},
             "cmi": {"wrn16_2": (80, 80), "wrn16_2@s1": (82, 82), "wrn16_2@s2": (78, 78)},
             "fast": {"wrn16_2": (79, 79), "wrn16_2@s1": (81, 81), "wrn16_2@s2": (70, 70)}}
-    for method, per_teacher in accs.items():
-        for teacher, values in per_teacher.items():
-            for seed, acc in enumerate(values):
-                _run_on_teacher(tmp_path, method, teacher, seed, float(acc))
+    _grid(tmp_path, accs)
     table = across_teachers(collect(tmp_path)).set_index("method")
     assert table.loc["nayer", "mean over teachers"] == "95.00" and table.loc["nayer", "n teachers"] == 1
     assert table.loc["cmi", "best group"] == "best"
     assert table.loc["nayer", "best group"] == "n/a"  # one shared teacher: nothing to test
+
 
 def test_the_default_terminal_table_fits_100_columns_and_wide_shows_everything(tree, monkeypatch):
     from dfkd_bench import cli as cli_module
