@@ -8,7 +8,10 @@ WRN-16-1) and times, interleaved over several repetitions:
 - student steps: ``Runner._distill_step`` (pool sampling, the GradScaler, the loss checks and rank means)
   against a bare step: the same augmentation, teacher forward, distillation loss (student forward, and a
   loss's own head), backward, SGD step and the method's after-step passes (CSD's rotation head) on one
-  fixed batch, nothing else.
+  fixed batch, nothing else. A "fresh" method (DAFL, DFAD, DFQ, ZSKT, AdaDFKD, SpaceshipNet) draws a new
+  batch from its generator for every student step; its bare step calls ``method.sample()`` under no_grad
+  the same way, since that generator pass is arithmetic a step cannot avoid (the runner counts its
+  seconds as synthesis).
 
 It prints the median seconds and their ratio (runner / bare) per method; the project's target is at most
 1.10x. ``--profile METHOD`` prints ``torch.profiler``'s table of one runner round of that method instead.
@@ -45,9 +48,15 @@ def build(method: str, folder: Path, overrides: dict | None = None, store: Path 
 
 def bare_step(runner: Runner, images: torch.Tensor, labels: torch.Tensor | None,
               optimizer: torch.optim.Optimizer) -> None:
-    """One student step with nothing but the network passes the runner's step makes: augmentation, the
-    teacher's forward, the run's distillation loss (the student's forward and any head of the loss), backward,
-    the optimizer step and the method's after-step passes; no pool, scaler, rank means or checks."""
+    """One student step with nothing but the network passes the runner's step makes: a fresh method's
+    ``sample()`` (its generator pass; a pool method trains on ``images`` and ``labels`` as given),
+    augmentation, the teacher's forward, the run's distillation loss (the student's forward and any head of
+    the loss), backward, the optimizer step and the method's after-step passes; no pool, scaler, rank means
+    or checks."""
+    if SYNTHESIZERS.get(runner.cfg.method).batch_source == "fresh":
+        with torch.no_grad():
+            batch = runner.method.sample(len(images))
+        images, labels = batch.images, batch.labels
     x = runner.normalizer(runner.augment(images))
     with torch.no_grad():
         feats = runner.teacher.forward_features(x)
@@ -107,7 +116,7 @@ def profile(method: str, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="", help="comma-separated (default: every method with a pool)")
+    parser.add_argument("--methods", default="", help="comma-separated (default: every method, no baselines)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", default="", metavar="METHOD")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -118,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.profile:
             return profile(args.profile, Path(tmp))
-        names = args.methods.split(",") if args.methods else [
-            n for n, c in SYNTHESIZERS.items() if not c.is_baseline and c.batch_source == "pool"]
+        names = args.methods.split(",") if args.methods else [n for n, c in SYNTHESIZERS.items() if not c.is_baseline]
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; settings {SETTINGS | overrides}; "
               f"median of {args.reps} interleaved repetitions; student steps: {SETTINGS['kd_steps']} per round")
         print("| method | synthesis runner s | bare s | ratio | student steps runner s | bare s | ratio |")
