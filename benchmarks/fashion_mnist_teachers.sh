@@ -10,6 +10,8 @@
 # (teacher, seed) took 13,462 s (NAYER 2,813, CSD 4,205, CMI 2,976, Fast 1,205, DeepInversion 2,262),
 # so the grid at 2 seeds is about 22 core-hours, 11 hours on 2 cores; training the two variant teachers
 # side by side took 2,194 s and 2,172 s (their sidecars' train_seconds).
+# Measured: the 30 runs at seeds 0,1 took 93,483 run-seconds (26.0 h, about 13 h on 2 cores) on three
+# 2-core machines (results/fashion-mnist/teachers/machines.md says which made which run).
 # Usage: bash benchmarks/fashion_mnist_teachers.sh [SEEDS] [BACKEND]   (defaults: 0,1 and local)
 set -euo pipefail
 cd "$(dirname "$0")/.."
